@@ -1,0 +1,288 @@
+"""Configuration dataclasses for every PolySAE variant.
+
+Each config is a SAELens config of the matching sparsifier plus the PolySAE
+decoder fields of :class:`PolyDecoderFields`. The field names are a public
+contract: they are the keys of ``cfg.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAEConfig
+from sae_lens.saes.gated_sae import GatedSAEConfig, GatedTrainingSAEConfig
+from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig, JumpReLUTrainingSAEConfig
+from sae_lens.saes.matryoshka_batchtopk_sae import (
+    MatryoshkaBatchTopKTrainingSAEConfig,
+)
+from sae_lens.saes.sae import SAEConfig
+from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAEConfig
+from typing_extensions import override
+
+POLY_ORDERS = (1, 2, 3)
+DEFAULT_INTERACTION_RANK = 64  # R2 = R3 = 64 for GPT-2 small (paper Sec. 5.1)
+
+
+@dataclass
+class PolyDecoderFields:
+    """The PolySAE decoder fields shared by every variant's config.
+
+    A mixin: it is always combined with a SAELens config that provides
+    ``d_in`` and ``d_sae``.
+    """
+
+    poly_order: int = 3
+    """Highest power of the decoder: 1 (linear), 2 (+ pairwise) or 3 (+ triples)."""
+    poly_ranks: tuple[int, int, int] | None = None
+    """(R1, R2, R3): rank of the shared projection U and of the quadratic and
+    cubic terms. ``None`` means (d_in, min(64, d_in), min(64, d_in)), the paper's
+    GPT-2 setting. Bounds: 1 <= R2, R3 <= R1 <= min(d_in, d_sae). R1 <= d_sae
+    because U [d_sae, R1] has orthonormal columns; R1 <= d_in because a larger
+    R1 only adds redundant rank to the linear term."""
+    lambda2_init: float = -0.5
+    """Initial value of the learned quadratic scale lambda2 (paper: -0.5)."""
+    lambda3_init: float = 0.5
+    """Initial value of the learned cubic scale lambda3 (paper: +0.5)."""
+
+    if TYPE_CHECKING:
+        d_in: int
+        d_sae: int
+
+    def __post_init__(self) -> None:
+        self._validate_poly_fields()
+        self._validate_k()
+        super().__post_init__()  # type: ignore[misc]
+
+    @property
+    def ranks(self) -> tuple[int, int, int]:
+        """The resolved (R1, R2, R3)."""
+        assert self.poly_ranks is not None  # resolved in __post_init__
+        return self.poly_ranks
+
+    def _validate_poly_fields(self) -> None:
+        if self.poly_order not in POLY_ORDERS or isinstance(self.poly_order, bool):
+            raise ValueError(
+                f"poly_order={self.poly_order!r} is not allowed: use 1 (linear), "
+                "2 (linear + pairwise) or 3 (linear + pairwise + triple)."
+            )
+        if self.poly_ranks is None:
+            rank = min(DEFAULT_INTERACTION_RANK, self.d_in)
+            self.poly_ranks = (self.d_in, rank, rank)
+        ranks = tuple(self.poly_ranks)
+        if len(ranks) != 3 or not all(
+            isinstance(r, int) and not isinstance(r, bool) for r in ranks
+        ):
+            raise ValueError(
+                f"poly_ranks={self.poly_ranks!r} must be three integers (R1, R2, R3)."
+            )
+        r1, r2, r3 = ranks
+        if min(ranks) < 1:
+            raise ValueError(
+                f"poly_ranks={ranks} must be positive: every rank must be >= 1."
+            )
+        if r1 > min(self.d_in, self.d_sae):
+            raise ValueError(
+                f"poly_ranks[0] (R1)={r1} must be <= min(d_in, d_sae)="
+                f"{min(self.d_in, self.d_sae)}: U [d_sae, R1] needs orthonormal "
+                "columns and the linear term has rank at most d_in."
+            )
+        if r2 > r1 or r3 > r1:
+            raise ValueError(
+                f"poly_ranks={ranks}: R2 and R3 must be <= R1={r1}, since the "
+                "interaction terms use the first R2 / R3 columns of U."
+            )
+        self.poly_ranks = (r1, r2, r3)
+        for name in ("lambda2_init", "lambda3_init"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number.")
+
+    def _validate_k(self) -> None:
+        k: Any = getattr(self, "k", None)
+        if k is None:
+            return
+        if not isinstance(k, (int, float)) or isinstance(k, bool) or not k > 0:
+            raise ValueError(f"k={k!r} must be a positive number of active latents.")
+        if k > self.d_sae:
+            raise ValueError(
+                f"k={k} is larger than d_sae={self.d_sae}: at most d_sae latents "
+                "can be active."
+            )
+
+
+@dataclass
+class _NoDecoderNormRescale:
+    """Rejects ``rescale_acts_by_decoder_norm=True`` for the TopK family.
+
+    With an orthonormal U the first-order decoder rows ``U[i] @ C1`` share
+    parameters, so ranking latents by their norms couples the selection to every
+    other latent; the paper trains without it (Sec. 5.1). We reject it rather
+    than save a model whose latent selection differs from training's.
+    """
+
+    rescale_acts_by_decoder_norm: bool = False
+    """Must be False for PolySAEs (the paper's setting)."""
+
+    def __post_init__(self) -> None:
+        if self.rescale_acts_by_decoder_norm:
+            raise ValueError(
+                "rescale_acts_by_decoder_norm=True is not supported for PolySAEs: "
+                "set rescale_acts_by_decoder_norm=False (the paper's setting)."
+            )
+        super().__post_init__()  # type: ignore[misc]
+
+
+@dataclass
+class _PolyTrainingDefaults:
+    """Training-only defaults shared by the training configs."""
+
+    decoder_init_norm: float | None = None
+    """If set, C1 is scaled at init so the mean row norm of the first-order
+    decoder ``U @ C1`` equals this value. ``None`` (default) keeps the paper's
+    Kaiming-uniform C1 (Sec. 4)."""
+
+
+@dataclass
+class _PerRowK:
+    """TopK selects exactly ``k`` latents per row, so ``k`` must be an integer."""
+
+    def __post_init__(self) -> None:
+        k = getattr(self, "k")
+        if isinstance(k, float) and k.is_integer():
+            k = int(k)
+            object.__setattr__(self, "k", k)
+        if not isinstance(k, int):
+            raise ValueError(
+                f"k={k!r} must be an integer for TopK (per-row) selection; use "
+                "architecture 'poly_batchtopk' for a batch-average k."
+            )
+        super().__post_init__()  # type: ignore[misc]
+
+
+# ---- inference configs -----------------------------------------------------
+
+
+@dataclass
+class PolyTopKSAEConfig(
+    PolyDecoderFields, _PerRowK, _NoDecoderNormRescale, TopKSAEConfig
+):
+    """Inference PolySAE with a per-row TopK encoder (architecture ``"poly"``)."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "poly"
+
+
+@dataclass
+class PolyJumpReLUSAEConfig(PolyDecoderFields, JumpReLUSAEConfig):
+    """Inference PolySAE with a JumpReLU encoder (``"poly_jumprelu"``).
+
+    BatchTopK and Matryoshka PolySAEs are saved in this form.
+    """
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "poly_jumprelu"
+
+
+@dataclass
+class PolyGatedSAEConfig(PolyDecoderFields, GatedSAEConfig):
+    """Inference PolySAE with a gated encoder (``"poly_gated"``)."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "poly_gated"
+
+
+# ---- training configs ------------------------------------------------------
+
+
+@dataclass
+class PolyTopKTrainingSAEConfig(
+    PolyDecoderFields,
+    _PolyTrainingDefaults,
+    _PerRowK,
+    _NoDecoderNormRescale,
+    TopKTrainingSAEConfig,
+):
+    """Training config of the paper's main setting: TopK PolySAE (``"poly"``)."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "poly"
+
+
+@dataclass
+class PolyBatchTopKTrainingSAEConfig(
+    PolyDecoderFields,
+    _PolyTrainingDefaults,
+    _NoDecoderNormRescale,
+    BatchTopKTrainingSAEConfig,
+):
+    """BatchTopK PolySAE (``"poly_batchtopk"``); saved as ``"poly_jumprelu"``."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "poly_batchtopk"
+
+    @override
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return PolyJumpReLUSAEConfig
+
+
+@dataclass
+class PolyMatryoshkaTrainingSAEConfig(
+    PolyBatchTopKTrainingSAEConfig, MatryoshkaBatchTopKTrainingSAEConfig
+):
+    """Matryoshka-BatchTopK PolySAE (``"poly_matryoshka"``).
+
+    Every level decodes through the polynomial decoder; saved as ``"poly_jumprelu"``.
+    """
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "poly_matryoshka"
+
+
+@dataclass
+class PolyJumpReLUTrainingSAEConfig(
+    PolyDecoderFields, _PolyTrainingDefaults, JumpReLUTrainingSAEConfig
+):
+    """JumpReLU PolySAE (``"poly_jumprelu"``); not covered by the paper."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "poly_jumprelu"
+
+
+@dataclass
+class PolyGatedTrainingSAEConfig(
+    PolyDecoderFields, _PolyTrainingDefaults, GatedTrainingSAEConfig
+):
+    """Gated PolySAE (``"poly_gated"``); not covered by the paper."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "poly_gated"
+
+
+PolyConfig = (
+    PolyTopKSAEConfig
+    | PolyJumpReLUSAEConfig
+    | PolyGatedSAEConfig
+    | PolyTopKTrainingSAEConfig
+    | PolyBatchTopKTrainingSAEConfig
+    | PolyJumpReLUTrainingSAEConfig
+    | PolyGatedTrainingSAEConfig
+)
+"""Any PolySAE config."""

@@ -1,0 +1,544 @@
+"""PolySAE classes for SAELens, one per sparsifier, and their registration.
+
+Every class is the SAELens class of its sparsifier with the linear decoder
+swapped for the polynomial decoder of :mod:`polysae_lens.polynomial`. The
+shared behaviour lives in two mixins that override only SAELens's seams
+(``initialize_weights``, ``decode``, the folds, ``process_state_dict_for_*``
+and the auxiliary losses); the encoders, activation functions and training
+loops are SAELens's own.
+
+There is no dense decoder parameter: ``W_dec`` is a read-only property equal to
+the first-order decoder ``U @ C1`` [d_sae, d_in], so tools that read ``W_dec``
+see the real linear part of the decoder.
+
+Shape suffixes follow :mod:`polysae_lens.polynomial` (B batch, F d_sae, D d_in,
+R rank).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
+from sae_lens.saes.gated_sae import GatedSAE, GatedTrainingSAE
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUTrainingSAE
+from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE
+from sae_lens.saes.sae import SAE, TrainingSAE, TrainStepInput
+from sae_lens.saes.topk_sae import (
+    TopKSAE,
+    TopKTrainingSAE,
+    calculate_topk_aux_acts,
+)
+from torch import Tensor, nn
+from typing_extensions import override
+
+from polysae_lens.config import (
+    PolyBatchTopKTrainingSAEConfig,
+    PolyConfig,
+    PolyGatedSAEConfig,
+    PolyGatedTrainingSAEConfig,
+    PolyJumpReLUSAEConfig,
+    PolyJumpReLUTrainingSAEConfig,
+    PolyMatryoshkaTrainingSAEConfig,
+    PolyTopKSAEConfig,
+    PolyTopKTrainingSAEConfig,
+)
+from polysae_lens.polynomial import (
+    PolyDecoderWeights,
+    first_order_decoder,
+    poly_decode,
+    project,
+    terms_from_projection,
+)
+from polysae_lens.stiefel import qr_retract
+
+logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    _Base = SAE[Any]
+else:
+    _Base = object
+
+
+class PolyDecoderMixin(_Base):
+    """The polynomial decoder, shared by every PolySAE class (inference and training).
+
+    Parameters (a public contract): ``W_enc`` [d_in, d_sae], ``b_dec`` [d_in],
+    ``U`` [d_sae, R1], ``C1`` [R1, d_in], ``C2`` [R2, d_in] (order >= 2),
+    ``C3`` [R3, d_in] (order 3), 0-dim ``lambda2`` (order >= 2) and ``lambda3``
+    (order 3), plus the sparsifier's own (``b_enc``, ``threshold``, ...).
+    """
+
+    cfg: PolyConfig  # type: ignore[assignment]
+    U: nn.Parameter
+    C1: nn.Parameter
+
+    sparsifier_params: ClassVar[tuple[str, ...]] = ("b_enc",)
+    """Zero-initialised [d_sae] parameters the sparsifier needs besides W_enc."""
+
+    # ---- weights ---------------------------------------------------------
+
+    @override
+    def initialize_weights(self) -> None:
+        cfg = self.cfg
+        r1, r2, r3 = cfg.ranks
+        factory: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **factory))
+        # Paper Sec. 4: U orthonormal (QR of a Gaussian), C's Kaiming-uniform.
+        gaussian = torch.randn(cfg.d_sae, r1, device=self.device, dtype=torch.float32)
+        self.U = nn.Parameter(qr_retract(gaussian).to(self.dtype))
+        self.C1 = nn.Parameter(_kaiming_uniform(r1, cfg.d_in, factory))
+        if cfg.poly_order >= 2:
+            self.C2 = nn.Parameter(_kaiming_uniform(r2, cfg.d_in, factory))
+            self.lambda2 = nn.Parameter(torch.tensor(float(cfg.lambda2_init), **factory))
+        if cfg.poly_order >= 3:
+            self.C3 = nn.Parameter(_kaiming_uniform(r3, cfg.d_in, factory))
+            self.lambda3 = nn.Parameter(torch.tensor(float(cfg.lambda3_init), **factory))
+        target_norm = getattr(cfg, "decoder_init_norm", None)
+        with torch.no_grad():
+            if target_norm is not None and self.device.type != "meta":
+                self.C1.mul_(target_norm / self.W_dec.norm(dim=-1).mean())
+            # Tie the encoder to the initial first-order decoder (paper Sec. 4).
+            self.W_enc = nn.Parameter(self.W_dec.T.contiguous())
+        for name in self.sparsifier_params:
+            setattr(self, name, nn.Parameter(torch.zeros(cfg.d_sae, **factory)))
+
+    @property
+    def decoder_weights(self) -> PolyDecoderWeights:
+        """The decoder parameters, as the pure functions of ``polynomial`` take them."""
+        order = self.cfg.poly_order
+        return PolyDecoderWeights(
+            U_FR=self.U,
+            C1_RD=self.C1,
+            C2_SD=self.C2 if order >= 2 else None,
+            C3_TD=self.C3 if order >= 3 else None,
+            lambda2=self.lambda2 if order >= 2 else None,
+            lambda3=self.lambda3 if order >= 3 else None,
+        )
+
+    @property  # type: ignore[override]
+    def W_dec(self) -> Tensor:
+        """The first-order decoder ``U @ C1`` [d_sae, d_in] (read-only, differentiable)."""
+        return first_order_decoder(self.decoder_weights)
+
+    # ---- forward ---------------------------------------------------------
+
+    @override
+    def process_sae_in(self, sae_in: Tensor) -> Tensor:
+        width = sae_in.shape[-1]
+        if self.hook_z_reshaping_mode and sae_in.ndim >= 2:
+            width = sae_in.shape[-2] * sae_in.shape[-1]
+        if width != self.cfg.d_in:
+            raise ValueError(
+                f"Input has last dimension {width} but this SAE has d_in="
+                f"{self.cfg.d_in}: pass activations of shape [..., {self.cfg.d_in}]."
+            )
+        return super().process_sae_in(sae_in)
+
+    @override
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        sae_out = self._decode_without_bias(feature_acts) + self.b_dec
+        sae_out = self.hook_sae_recons(sae_out)
+        sae_out = self.run_time_activation_norm_fn_out(sae_out)
+        return self.reshape_fn_out(sae_out, self.d_head)
+
+    def _decode_without_bias(self, feature_acts: Tensor) -> Tensor:
+        if feature_acts.shape[-1] != self.cfg.d_sae:
+            raise ValueError(
+                f"Latents have last dimension {feature_acts.shape[-1]} but this SAE "
+                f"has d_sae={self.cfg.d_sae}."
+            )
+        return poly_decode(feature_acts, self.decoder_weights)
+
+    # ---- folds -----------------------------------------------------------
+
+    @override
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        # The SAE was trained on x * s: scaling W_enc by s and b_dec by 1/s keeps
+        # every pre-activation (so every threshold) unchanged; dividing the C's by
+        # s maps the reconstruction back to the unscaled space.
+        self.W_enc.mul_(scaling_factor)
+        self.b_dec.div_(scaling_factor)
+        for C in self._C_params():
+            C.div_(scaling_factor)
+        self.cfg.normalize_activations = "none"
+
+    @override
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor
+    ) -> None:
+        """Fold ``z = (x - mean) @ M`` and ``x = z @ M^-1 + mean`` into the weights.
+
+        As in SAELens: W_enc <- M @ W_enc and b_dec <- b_dec @ M^-1 + mean; the
+        polynomial decoder is linear in each C, so each C <- C @ M^-1.
+        """
+        dtype = torch.promote_types(self.W_enc.dtype, whitening_matrix.dtype)
+        mean = mean.to(self.W_enc.device, dtype)
+        M = whitening_matrix.to(self.W_enc.device, dtype)
+        M_inv = unwhitening_matrix.to(self.W_enc.device, dtype)
+        self.W_enc.copy_(M @ self.W_enc.to(dtype))
+        if not self.cfg.apply_b_dec_to_input:
+            self._shift_encoder_biases(mean @ self.W_enc.to(dtype))
+        for C in self._C_params():
+            C.copy_(C.to(dtype) @ M_inv)
+        self.b_dec.copy_(self.b_dec.to(dtype) @ M_inv + mean)
+        self.cfg.normalize_activations = "none"
+
+    def _shift_encoder_biases(self, shift_F: Tensor) -> None:
+        """Subtract ``mean @ W_enc`` from the encoder biases (whitening fold)."""
+        self.b_enc.sub_(shift_F.to(self.b_enc.dtype))
+
+    @override
+    def fold_W_dec_norm(self) -> None:
+        """A documented no-op for PolySAEs.
+
+        Normalising the rows of ``U @ C1`` would rescale rows of U and break its
+        orthonormality, and for TopK it would change which latents are selected.
+        Dashboards call this unconditionally, so it must not raise: it leaves every
+        weight, and so every output, unchanged.
+        """
+        logger.info(
+            "fold_W_dec_norm is a no-op for PolySAE (%s): outputs are unchanged.",
+            self.cfg.architecture(),
+        )
+
+    @override
+    def fold_and_get_W_dec_norm(self) -> Tensor:
+        raise NotImplementedError(
+            "PolySAE has no dense W_dec to normalise; fold_W_dec_norm() is a no-op "
+            "for PolySAEs and W_dec (= U @ C1) norms are available from get_W_dec_norm()."
+        )
+
+    def _C_params(self) -> list[nn.Parameter]:
+        weights = self.decoder_weights
+        return [C for C in (weights.C1_RD, weights.C2_SD, weights.C3_TD) if C is not None]  # type: ignore[misc]
+
+    # ---- loading ---------------------------------------------------------
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_loading(state_dict)
+        _check_state_dict(self, state_dict)
+
+
+class PolyTrainingMixin(PolyDecoderMixin):
+    """Training behaviour shared by every PolySAE training class."""
+
+    def calculate_topk_aux_loss(
+        self,
+        sae_in: Tensor,
+        sae_out: Tensor,
+        hidden_pre: Tensor,
+        dead_neuron_mask: Tensor | None,
+    ) -> Tensor:
+        """AuxK loss (paper Sec. 5.1: coefficient 1, k_aux = d_in / 2) through the
+        polynomial decoder: the top dead latents reconstruct the residual."""
+        _require_aux_compatible_normalisation(self.cfg.normalize_activations)
+        loss = _auxk_loss(
+            residual_BD=(sae_in - sae_out).detach(),
+            hidden_pre_BF=hidden_pre,
+            dead_mask_F=dead_neuron_mask,
+            decode_fn=self._decode_without_bias,
+            k_aux=sae_in.shape[-1] // 2,
+        )
+        return self.cfg.aux_loss_coefficient * loss  # type: ignore[union-attr]
+
+
+# ---- TopK ------------------------------------------------------------------
+
+
+class PolyTopKSAE(PolyDecoderMixin, TopKSAE):
+    """Inference PolySAE with a per-row TopK encoder (``"poly"``)."""
+
+    cfg: PolyTopKSAEConfig  # type: ignore[assignment]
+
+
+class PolyTopKTrainingSAE(PolyTrainingMixin, TopKTrainingSAE):
+    """TopK PolySAE for training (``"poly"``), the paper's main setting."""
+
+    cfg: PolyTopKTrainingSAEConfig  # type: ignore[assignment]
+
+
+# ---- JumpReLU --------------------------------------------------------------
+
+
+class PolyJumpReLUSAE(PolyDecoderMixin, JumpReLUSAE):
+    """Inference PolySAE with a JumpReLU encoder (``"poly_jumprelu"``).
+
+    BatchTopK and Matryoshka PolySAEs are saved in this form; loading one of their
+    training checkpoints converts its scalar ``topk_threshold`` into ``threshold``.
+    """
+
+    cfg: PolyJumpReLUSAEConfig  # type: ignore[assignment]
+    sparsifier_params = ("b_enc", "threshold")
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        if "topk_threshold" in state_dict and "threshold" not in state_dict:
+            state_dict["threshold"] = _batchtopk_threshold(
+                state_dict.pop("topk_threshold"), state_dict["b_enc"]
+            )
+        super().process_state_dict_for_loading(state_dict)
+
+
+class PolyJumpReLUTrainingSAE(PolyTrainingMixin, JumpReLUTrainingSAE):
+    """JumpReLU PolySAE for training (``"poly_jumprelu"``)."""
+
+    cfg: PolyJumpReLUTrainingSAEConfig  # type: ignore[assignment]
+    # the threshold is created by JumpReLUTrainingSAE.__init__ (kept in float32)
+
+
+# ---- BatchTopK and Matryoshka ----------------------------------------------
+
+
+class PolyBatchTopKTrainingSAE(PolyTrainingMixin, BatchTopKTrainingSAE):
+    """BatchTopK PolySAE for training (``"poly_batchtopk"``).
+
+    In training mode it keeps k latents per row on average over the batch; in
+    eval mode it applies the learned threshold, exactly as the ``poly_jumprelu``
+    model it is saved as.
+    """
+
+    cfg: PolyBatchTopKTrainingSAEConfig  # type: ignore[assignment]
+
+    @override
+    def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training:
+            return super().encode_with_hidden_pre(x)
+        sae_in = self.process_sae_in(x)
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        threshold_F = _batchtopk_threshold(self.topk_threshold, self.b_enc)
+        mask = (hidden_pre > threshold_F).to(hidden_pre.dtype)
+        return self.hook_sae_acts_post(hidden_pre.relu() * mask), hidden_pre
+
+
+class PolyMatryoshkaTrainingSAE(PolyBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAE):
+    """Matryoshka-BatchTopK PolySAE for training (``"poly_matryoshka"``).
+
+    Level ``w`` reconstructs from latents ``[0, w)`` through the full polynomial
+    decoder: ``b_dec + P(z[:, :w] @ U[:w])``. The projection is linear, so it is
+    accumulated level by level and only the polynomial is re-applied.
+    """
+
+    cfg: PolyMatryoshkaTrainingSAEConfig  # type: ignore[assignment]
+
+    @override
+    def _iterable_decode(
+        self, feature_acts: Tensor, include_outer_loss: bool = False
+    ) -> Generator[tuple[int, Tensor], None, None]:
+        widths = self.cfg.matryoshka_widths
+        if not include_outer_loss:
+            widths = widths[:-1]
+        weights = self.decoder_weights
+        a_BR = torch.zeros(
+            (*feature_acts.shape[:-1], weights.U_FR.shape[1]),
+            dtype=feature_acts.dtype,
+            device=feature_acts.device,
+        )
+        start = 0
+        for width in widths:
+            a_BR = a_BR + project(feature_acts[..., start:width], weights.U_FR[start:width])
+            level_out = terms_from_projection(a_BR, weights).total() + self.b_dec
+            start = width
+            yield width, self.run_time_activation_norm_fn_out(level_out)
+
+    @override
+    def calculate_matryoshka_aux_loss(
+        self,
+        sae_in: Tensor,
+        sae_out: Tensor,
+        feature_acts: Tensor,
+        hidden_pre: Tensor,
+        dead_neuron_mask: Tensor | None,
+    ) -> Tensor:
+        """Per level, that level's dead latents reconstruct the level's residual."""
+        if dead_neuron_mask is None or not bool(dead_neuron_mask.any()):
+            return sae_out.new_tensor(0.0)
+        _require_aux_compatible_normalisation(self.cfg.normalize_activations)
+        weights = self.decoder_weights
+        losses = []
+        start = 0
+        for width, level_out in self._iterable_decode(feature_acts, include_outer_loss=True):
+            level_weights = weights._replace(U_FR=weights.U_FR[start:width])
+            losses.append(
+                _auxk_loss(
+                    residual_BD=(sae_in - level_out).detach(),
+                    hidden_pre_BF=hidden_pre[..., start:width],
+                    dead_mask_F=dead_neuron_mask[start:width],
+                    decode_fn=lambda acts, w=level_weights: poly_decode(acts, w),
+                    k_aux=sae_in.shape[-1] // 2,
+                )
+            )
+            start = width
+        return self.cfg.aux_loss_coefficient * torch.stack(losses).sum()
+
+
+# ---- Gated -----------------------------------------------------------------
+
+
+class _GatedBiases(PolyDecoderMixin):
+    """Gated encoders have gate and magnitude biases instead of b_enc."""
+
+    sparsifier_params = ("b_gate", "r_mag", "b_mag")
+
+    @override
+    def _shift_encoder_biases(self, shift_F: Tensor) -> None:
+        # the magnitude path uses W_enc * exp(r_mag), so its shift scales too
+        self.b_gate.sub_(shift_F.to(self.b_gate.dtype))
+        self.b_mag.sub_((shift_F * self.r_mag.exp()).to(self.b_mag.dtype))
+
+
+class PolyGatedSAE(_GatedBiases, GatedSAE):
+    """Inference PolySAE with a gated encoder (``"poly_gated"``)."""
+
+    cfg: PolyGatedSAEConfig  # type: ignore[assignment]
+
+
+class PolyGatedTrainingSAE(_GatedBiases, PolyTrainingMixin, GatedTrainingSAE):
+    """Gated PolySAE for training (``"poly_gated"``)."""
+
+    cfg: PolyGatedTrainingSAEConfig  # type: ignore[assignment]
+
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: Tensor,
+        hidden_pre: Tensor,
+        sae_out: Tensor,
+    ) -> dict[str, Tensor]:
+        """Gated SAE losses (Rajamanoharan et al. 2024) with the polynomial decoder:
+        an L1 penalty on the gate weighted by first-order decoder norms, and the
+        gate path's own reconstruction."""
+        sae_in_centered = step_input.sae_in - self.b_dec * self.cfg.apply_b_dec_to_input
+        gate_acts_BF = torch.relu(sae_in_centered @ self.W_enc + self.b_gate)
+        l1_loss = step_input.coefficients["l1"] * (
+            (gate_acts_BF * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
+        )
+        via_gate_BD = self._decode_without_bias(gate_acts_BF) + self.b_dec
+        aux_recon_loss = (via_gate_BD - step_input.sae_in).pow(2).sum(dim=-1).mean()
+        return {"l1_loss": l1_loss, "auxiliary_reconstruction_loss": aux_recon_loss}
+
+
+# ---- helpers ---------------------------------------------------------------
+
+
+def _kaiming_uniform(rows: int, cols: int, factory: dict[str, Any]) -> Tensor:
+    weight = torch.empty(rows, cols, **factory)
+    nn.init.kaiming_uniform_(weight)
+    return weight
+
+
+def _batchtopk_threshold(topk_threshold: Tensor, b_enc_F: Tensor) -> Tensor:
+    """The per-latent threshold a BatchTopK SAE is saved with (SAELens's formula)."""
+    return torch.ones_like(b_enc_F) * topk_threshold.item()
+
+
+def _require_aux_compatible_normalisation(mode: str) -> None:
+    if mode in ("constant_norm_rescale", "layer_norm"):
+        raise ValueError(
+            f"The AuxK loss does not support normalize_activations={mode!r}: its "
+            "reconstruction would live in the normalised space and the residual in "
+            "the original one. Use 'none' or 'expected_average_only_in'."
+        )
+
+
+def _auxk_loss(
+    residual_BD: Tensor,
+    hidden_pre_BF: Tensor,
+    dead_mask_F: Tensor | None,
+    decode_fn: Callable[[Tensor], Tensor],
+    k_aux: int,
+) -> Tensor:
+    """The top ``k_aux`` dead latents reconstruct the residual (Gao et al. 2024,
+    App. A.2), scaled down when fewer than ``k_aux`` latents are dead."""
+    num_dead = 0 if dead_mask_F is None else int(dead_mask_F.sum())
+    if num_dead == 0:
+        return residual_BD.new_tensor(0.0)
+    assert dead_mask_F is not None
+    scale = min(num_dead / k_aux, 1.0)
+    aux_acts_BF = calculate_topk_aux_acts(
+        k_aux=min(k_aux, num_dead), hidden_pre=hidden_pre_BF, dead_neuron_mask=dead_mask_F
+    )
+    recons_BD = decode_fn(aux_acts_BF)
+    return scale * (recons_BD - residual_BD).pow(2).sum(dim=-1).mean()
+
+
+def _check_state_dict(module: nn.Module, state_dict: dict[str, Any]) -> None:
+    """Raise, before anything is copied, if keys or shapes do not match."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"PolySAE checkpoint does not match {type(module).__name__}: "
+            f"missing keys {missing}, unexpected keys {extra}. Check that cfg.json's "
+            "architecture and poly_order match the weights."
+        )
+    for key, tensor in expected.items():
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"PolySAE checkpoint key {key!r} has shape "
+                f"{tuple(state_dict[key].shape)} but the config implies "
+                f"{tuple(tensor.shape)}: check d_in, d_sae and poly_ranks in cfg.json."
+            )
+
+
+# ---- registration ----------------------------------------------------------
+
+INFERENCE_CLASSES: dict[str, tuple[type[SAE[Any]], type[Any]]] = {
+    "poly": (PolyTopKSAE, PolyTopKSAEConfig),
+    "poly_jumprelu": (PolyJumpReLUSAE, PolyJumpReLUSAEConfig),
+    "poly_gated": (PolyGatedSAE, PolyGatedSAEConfig),
+    # BatchTopK and Matryoshka are used as JumpReLU models (as in SAELens); these
+    # entries let SAE.load_from_disk read their training checkpoints too.
+    "poly_batchtopk": (PolyJumpReLUSAE, PolyJumpReLUSAEConfig),
+    "poly_matryoshka": (PolyJumpReLUSAE, PolyJumpReLUSAEConfig),
+}
+"""Architecture name -> (inference class, config class)."""
+
+TRAINING_CLASSES: dict[str, tuple[type[TrainingSAE[Any]], type[Any]]] = {
+    "poly": (PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig),
+    "poly_batchtopk": (PolyBatchTopKTrainingSAE, PolyBatchTopKTrainingSAEConfig),
+    "poly_matryoshka": (PolyMatryoshkaTrainingSAE, PolyMatryoshkaTrainingSAEConfig),
+    "poly_jumprelu": (PolyJumpReLUTrainingSAE, PolyJumpReLUTrainingSAEConfig),
+    "poly_gated": (PolyGatedTrainingSAE, PolyGatedTrainingSAEConfig),
+}
+"""Architecture name -> (training class, config class)."""
+
+ARCHITECTURES = tuple(TRAINING_CLASSES)
+"""Every PolySAE architecture name."""
+
+
+def register_architectures() -> None:
+    """Register every PolySAE variant with both SAELens registries.
+
+    Idempotent: an entry that already holds a PolySAE class (from an earlier
+    import or a reload of this module) is replaced; an entry that holds another
+    package's class is a conflict and raises.
+    """
+    for registry, classes in (
+        (SAE_CLASS_REGISTRY, INFERENCE_CLASSES),
+        (SAE_TRAINING_CLASS_REGISTRY, TRAINING_CLASSES),
+    ):
+        for name, entry in classes.items():
+            current = registry.get(name)
+            if current is not None and current[0].__module__ != __name__:
+                raise ValueError(
+                    f"SAELens architecture {name!r} is already registered by "
+                    f"{current[0].__module__}.{current[0].__qualname__}; polysae-lens "
+                    "cannot register its PolySAE class under the same name."
+                )
+            registry[name] = entry  # type: ignore[assignment]
+
+
+def is_poly_sae(sae: nn.Module) -> bool:
+    """Whether ``sae`` is a PolySAE (any variant, inference or training)."""
+    return isinstance(sae, PolyDecoderMixin)
+
