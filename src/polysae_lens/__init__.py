@@ -42,8 +42,6 @@ from polysae_lens.stiefel import orthogonality_error, qr_retract
 
 __version__ = "0.1.0"
 
-register_architectures()
-
 __all__ = [
     "ARCHITECTURES",
     "DecoderTerms",

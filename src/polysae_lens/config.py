@@ -46,9 +46,13 @@ class PolyDecoderFields:
     lambda3_init: float = 0.5
     """Initial value of the learned cubic scale lambda3 (paper: +0.5)."""
 
-    if TYPE_CHECKING:
-        d_in: int
-        d_sae: int
+    if TYPE_CHECKING:  # provided by the SAELens config this mixin is combined with
+
+        @property
+        def d_in(self) -> int: ...
+
+        @property
+        def d_sae(self) -> int: ...
 
     def __post_init__(self) -> None:
         self._validate_poly_fields()
@@ -74,14 +78,10 @@ class PolyDecoderFields:
         if len(ranks) != 3 or not all(
             isinstance(r, int) and not isinstance(r, bool) for r in ranks
         ):
-            raise ValueError(
-                f"poly_ranks={self.poly_ranks!r} must be three integers (R1, R2, R3)."
-            )
+            raise ValueError(f"poly_ranks={self.poly_ranks!r} must be three integers (R1, R2, R3).")
         r1, r2, r3 = ranks
         if min(ranks) < 1:
-            raise ValueError(
-                f"poly_ranks={ranks} must be positive: every rank must be >= 1."
-            )
+            raise ValueError(f"poly_ranks={ranks} must be positive: every rank must be >= 1.")
         if r1 > min(self.d_in, self.d_sae):
             raise ValueError(
                 f"poly_ranks[0] (R1)={r1} must be <= min(d_in, d_sae)="
@@ -107,8 +107,7 @@ class PolyDecoderFields:
             raise ValueError(f"k={k!r} must be a positive number of active latents.")
         if k > self.d_sae:
             raise ValueError(
-                f"k={k} is larger than d_sae={self.d_sae}: at most d_sae latents "
-                "can be active."
+                f"k={k} is larger than d_sae={self.d_sae}: at most d_sae latents can be active."
             )
 
 
@@ -149,10 +148,10 @@ class _PerRowK:
     """TopK selects exactly ``k`` latents per row, so ``k`` must be an integer."""
 
     def __post_init__(self) -> None:
-        k = getattr(self, "k")
+        fields = vars(self)  # k comes from the SAELens TopK config
+        k = fields["k"]
         if isinstance(k, float) and k.is_integer():
-            k = int(k)
-            object.__setattr__(self, "k", k)
+            k = fields["k"] = int(k)
         if not isinstance(k, int):
             raise ValueError(
                 f"k={k!r} must be an integer for TopK (per-row) selection; use "
@@ -165,9 +164,7 @@ class _PerRowK:
 
 
 @dataclass
-class PolyTopKSAEConfig(
-    PolyDecoderFields, _PerRowK, _NoDecoderNormRescale, TopKSAEConfig
-):
+class PolyTopKSAEConfig(PolyDecoderFields, _PerRowK, _NoDecoderNormRescale, TopKSAEConfig):
     """Inference PolySAE with a per-row TopK encoder (architecture ``"poly"``)."""
 
     @override
@@ -265,9 +262,7 @@ class PolyJumpReLUTrainingSAEConfig(
 
 
 @dataclass
-class PolyGatedTrainingSAEConfig(
-    PolyDecoderFields, _PolyTrainingDefaults, GatedTrainingSAEConfig
-):
+class PolyGatedTrainingSAEConfig(PolyDecoderFields, _PolyTrainingDefaults, GatedTrainingSAEConfig):
     """Gated PolySAE (``"poly_gated"``); not covered by the paper."""
 
     @override

@@ -116,9 +116,7 @@ def poly_decode_reference(z_BF: Tensor, weights: PolyDecoderWeights) -> Tensor:
     out = torch.einsum("...i,ir,rd->...d", z, U, weights.C1_RD)
     if weights.C2_SD is not None and weights.lambda2 is not None:
         S = weights.C2_SD.shape[0]
-        Q_FFD = weights.lambda2 * torch.einsum(
-            "ir,jr,rd->ijd", U[:, :S], U[:, :S], weights.C2_SD
-        )
+        Q_FFD = weights.lambda2 * torch.einsum("ir,jr,rd->ijd", U[:, :S], U[:, :S], weights.C2_SD)
         out = out + torch.einsum("...i,...j,ijd->...d", z, z, Q_FFD)
     if weights.C3_TD is not None and weights.lambda3 is not None:
         T = weights.C3_TD.shape[0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -59,7 +60,7 @@ from polysae_lens.stiefel import qr_retract
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    _Base = SAE[Any]
+    from sae_lens.saes.sae import SAE as _Base
 else:
     _Base = object
 
@@ -371,7 +372,7 @@ class PolyMatryoshkaTrainingSAE(PolyBatchTopKTrainingSAE, MatryoshkaBatchTopKTra
                     residual_BD=(sae_in - level_out).detach(),
                     hidden_pre_BF=hidden_pre[..., start:width],
                     dead_mask_F=dead_neuron_mask[start:width],
-                    decode_fn=lambda acts, w=level_weights: poly_decode(acts, w),
+                    decode_fn=partial(poly_decode, weights=level_weights),
                     k_aux=sae_in.shape[-1] // 2,
                 )
             )
@@ -542,3 +543,6 @@ def is_poly_sae(sae: nn.Module) -> bool:
     """Whether ``sae`` is a PolySAE (any variant, inference or training)."""
     return isinstance(sae, PolyDecoderMixin)
 
+
+# The module's only import-time side effect.
+register_architectures()

@@ -21,7 +21,7 @@ def qr_retract(U_FR: Tensor) -> Tensor:
     Q_FR, R_RR = torch.linalg.qr(U_FR.float(), mode="reduced")
     signs_R = torch.sign(torch.diagonal(R_RR))
     signs_R = torch.where(signs_R == 0, torch.ones_like(signs_R), signs_R)
-    return (Q_FR * signs_R).to(U_FR.dtype)
+    return (Q_FR * signs_R).to(U_FR.dtype).contiguous()
 
 
 def orthogonality_error(U_FR: Tensor) -> Tensor:

@@ -1,0 +1,188 @@
+"""Offline language-model helpers for tests: a tokenizer and a tiny transformer.
+
+Nothing here touches the network. The tokenizer is a byte-level BPE trained on
+:data:`TEXTS` with the ``tokenizers`` library and wrapped in
+``PreTrainedTokenizerFast``; it sets ``name_or_path`` and ``add_bos_token=True``
+because TransformerLens's ``set_tokenizer`` otherwise reloads the tokenizer with
+``AutoTokenizer.from_pretrained(name_or_path, add_bos_token=True)``, which would
+try to download it.
+
+Typical use::
+
+    model = make_tiny_sae_transformer()
+    tokens = model.to_tokens(TEXTS[:4])  # [4, seq], BOS first
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from sae_lens import HookedSAETransformer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import PreTrainedTokenizerFast
+
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|eos|>"
+PAD_TOKEN = "<|pad|>"
+UNK_TOKEN = "<|unk|>"
+SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN)
+"""The special tokens, in id order: BOS is id 0, EOS 1, PAD 2, UNK 3."""
+
+TOKENIZER_NAME = "polysae-lens-offline-tiny-bpe"
+"""``name_or_path`` of :func:`make_tokenizer`'s tokenizer (not a hub id)."""
+
+BPE_VOCAB_SIZE = 384
+"""Upper bound on the BPE vocabulary (256 bytes + 4 special tokens + merges)."""
+
+N_CTX = 32
+"""Context length of :func:`make_tiny_model` (longer inputs are truncated)."""
+
+TEXTS: list[str] = [
+    "The cat sat quietly on the warm mat.",
+    "A small dog ran across the green park.",
+    "Rain fell on the roof all night long.",
+    "She poured hot tea into a blue cup.",
+    "The old bridge creaked under the heavy cart.",
+    "Children laughed while they played in the snow.",
+    "He read the letter twice before answering.",
+    "The river winds slowly through the valley.",
+    "Bright stars filled the clear winter sky.",
+    "My neighbour grows tomatoes in her garden.",
+    "The train left the station five minutes late.",
+    "A gentle breeze moved the tall grass.",
+    "We painted the fence white last summer.",
+    "The baker sells fresh bread every morning.",
+    "Birds sang loudly in the early spring light.",
+    "The library closes at eight on Fridays.",
+    "He fixed the broken chair with some glue.",
+    "The soup smelled of garlic and fresh herbs.",
+    "A red kite floated high above the beach.",
+    "They walked home together after the concert.",
+    "The teacher wrote a long sum on the board.",
+    "Leaves turn orange and gold in the autumn.",
+    "The ship sailed north towards the icy sea.",
+    "She found an old coin in the sand.",
+    "The clock in the hall stopped at noon.",
+    "Fresh snow covered the quiet mountain road.",
+    "He plays the piano every evening after dinner.",
+    "The market was busy on Saturday morning.",
+    "A black cat slept beside the fireplace.",
+    "The farmer counted his sheep before sunset.",
+    "We shared a large pizza with our friends.",
+    "The museum shows paintings from many countries.",
+    "A bee landed softly on the yellow flower.",
+    "The children built a castle of sand.",
+    "Thunder rolled across the dark hills.",
+    "She planted a small apple tree near the wall.",
+    "The lamp cast long shadows on the floor.",
+    "Our bus was crowded with tired travellers.",
+    "The fox crept silently through the forest.",
+    "He wrote his name at the top of the page.",
+]
+"""A small corpus of short English sentences (40), used to train the tokenizer
+and as the text dataset of activation-store tests."""
+
+
+def make_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """A fresh byte-level BPE tokenizer trained on :data:`TEXTS`, built offline.
+
+    Byte-level, so any text encodes without unknown tokens and decodes back
+    exactly. ``add_bos_token=True`` makes ``encode`` prepend BOS, so
+    TransformerLens uses it as is instead of reloading it by name.
+    """
+    backend = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(TEXTS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        add_bos_token=True,
+        name_or_path=TOKENIZER_NAME,
+        model_max_length=N_CTX,
+        padding_side="right",
+    )
+
+
+def tiny_model_config(
+    d_model: int = 16,
+    d_vocab: int | None = None,
+    n_layers: int = 2,
+    n_heads: int = 2,
+    n_ctx: int = N_CTX,
+) -> HookedTransformerConfig:
+    """The config of :func:`make_tiny_model` (``d_vocab`` defaults to the tokenizer's).
+
+    ``seed`` is left unset on purpose: HookedTransformerConfig would reseed the
+    global torch, numpy and ``random`` generators; :func:`make_tiny_model`
+    seeds a forked generator instead.
+    """
+    if d_model % n_heads:
+        raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}.")
+    if d_vocab is None:
+        d_vocab = len(make_tokenizer())
+    return HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_model // n_heads,
+        d_mlp=4 * d_model,
+        d_vocab=d_vocab,
+        n_ctx=n_ctx,
+        act_fn="gelu",
+        normalization_type="LN",
+        device="cpu",
+        dtype=torch.float32,
+    )
+
+
+def _build(
+    cls: type[HookedTransformer],
+    d_model: int,
+    tokenizer: PreTrainedTokenizerFast | None,
+    seed: int,
+) -> HookedTransformer:
+    tokenizer = make_tokenizer() if tokenizer is None else tokenizer
+    cfg = tiny_model_config(d_model=d_model, d_vocab=len(tokenizer))
+    # Initialise from a fixed seed without moving the caller's global RNG state.
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
+        torch.manual_seed(seed)
+        model = cls(cfg, tokenizer=tokenizer)
+    model.eval()
+    return model
+
+
+def make_tiny_model(
+    d_model: int = 16,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    seed: int = 0,
+) -> HookedTransformer:
+    """A randomly initialised 2-layer, 2-head ``HookedTransformer`` with a tokenizer.
+
+    The same ``seed`` gives the same weights, and the same weights as
+    :func:`make_tiny_sae_transformer`. The model is in eval mode on CPU.
+    """
+    return _build(HookedTransformer, d_model, tokenizer, seed)
+
+
+def make_tiny_sae_transformer(
+    d_model: int = 16,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    seed: int = 0,
+) -> HookedSAETransformer:
+    """:func:`make_tiny_model` as a SAELens ``HookedSAETransformer`` (same weights)."""
+    model = _build(HookedSAETransformer, d_model, tokenizer, seed)
+    assert isinstance(model, HookedSAETransformer)
+    return model
