@@ -18,6 +18,10 @@ K = 4
 
 ALL_ARCHS = polysae_lens.ARCHITECTURES
 
+# The test tensors are tiny: one thread avoids OpenMP spin-waits that make tiny
+# ops hundreds of times slower when another process shares the two cores.
+torch.set_num_threads(1)
+
 
 def sae_cfg_dict(arch: str, order: int = 3, **overrides: Any) -> dict[str, Any]:
     """A tiny config dict for ``arch`` (any PolySAE architecture)."""

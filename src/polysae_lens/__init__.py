@@ -38,7 +38,7 @@ from polysae_lens.sae import (
     is_poly_sae,
     register_architectures,
 )
-from polysae_lens.stiefel import orthogonality_error, qr_retract
+from polysae_lens.stiefel import attach_stiefel_retraction, orthogonality_error, qr_retract
 
 __version__ = "0.1.0"
 
@@ -64,6 +64,7 @@ __all__ = [
     "PolyTopKSAEConfig",
     "PolyTopKTrainingSAE",
     "PolyTopKTrainingSAEConfig",
+    "attach_stiefel_retraction",
     "decoder_terms",
     "is_poly_sae",
     "orthogonality_error",

@@ -141,6 +141,22 @@ class _PolyTrainingDefaults:
     """If set, C1 is scaled at init so the mean row norm of the first-order
     decoder ``U @ C1`` equals this value. ``None`` (default) keeps the paper's
     Kaiming-uniform C1 (Sec. 4)."""
+    stiefel_every_n_steps: int = 1
+    """Retract U onto the Stiefel manifold after every n-th optimizer step. The
+    paper retracts after every step (1, the default); 0 disables the retraction
+    (for ablations only: U then drifts from orthonormality)."""
+    stiefel_project_moments: bool = False
+    """Also project Adam's first moment of U onto the tangent space at the
+    retracted point. Off by default (the paper's plain retraction)."""
+
+    def __post_init__(self) -> None:
+        n = self.stiefel_every_n_steps
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(
+                f"stiefel_every_n_steps={n!r} must be an integer >= 1 (or 0 to "
+                "disable the retraction)."
+            )
+        super().__post_init__()  # type: ignore[misc]
 
 
 @dataclass

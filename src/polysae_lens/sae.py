@@ -28,7 +28,7 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
 from sae_lens.saes.gated_sae import GatedSAE, GatedTrainingSAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUTrainingSAE
 from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE
-from sae_lens.saes.sae import SAE, TrainingSAE, TrainStepInput
+from sae_lens.saes.sae import SAE, TrainingSAE, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import (
     TopKSAE,
     TopKTrainingSAE,
@@ -50,12 +50,13 @@ from polysae_lens.config import (
 )
 from polysae_lens.polynomial import (
     PolyDecoderWeights,
+    decoder_terms,
     first_order_decoder,
     poly_decode,
     project,
     terms_from_projection,
 )
-from polysae_lens.stiefel import qr_retract
+from polysae_lens.stiefel import orthogonality_error, qr_retract, track_for_retraction
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ class PolyDecoderMixin(_Base):
     ``U`` [d_sae, R1], ``C1`` [R1, d_in], ``C2`` [R2, d_in] (order >= 2),
     ``C3`` [R3, d_in] (order 3), 0-dim ``lambda2`` (order >= 2) and ``lambda3``
     (order 3), plus the sparsifier's own (``b_enc``, ``threshold``, ...).
+
+    Being built registers the module for the automatic Stiefel retraction
+    (:mod:`polysae_lens.stiefel`): any optimizer that updates its U, such as
+    SAETrainer's Adam, retracts U after each of its steps.
     """
 
     cfg: PolyConfig  # type: ignore[assignment]
@@ -107,6 +112,7 @@ class PolyDecoderMixin(_Base):
             self.W_enc = nn.Parameter(self.W_dec.T.contiguous())
         for name in self.sparsifier_params:
             setattr(self, name, nn.Parameter(torch.zeros(cfg.d_sae, **factory)))
+        track_for_retraction(self)
 
     @property
     def decoder_weights(self) -> PolyDecoderWeights:
@@ -230,6 +236,31 @@ class PolyDecoderMixin(_Base):
 
 class PolyTrainingMixin(PolyDecoderMixin):
     """Training behaviour shared by every PolySAE training class."""
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)
+        if step_input.is_logging_step:
+            output.metrics.update(self.decoder_metrics(output.feature_acts))
+        return output
+
+    @torch.no_grad()
+    def decoder_metrics(self, feature_acts: Tensor) -> dict[str, float]:
+        """lambda2, lambda3, max |U^T U - I| and the mean L2 norm of each decoder
+        term's contribution on ``feature_acts``; logged as ``metrics/poly/...``."""
+        weights = self.decoder_weights
+        terms = decoder_terms(feature_acts.detach(), weights)
+        metrics = {
+            "poly/orthogonality_error": orthogonality_error(self.U).item(),
+            "poly/linear_norm": terms.linear.float().norm(dim=-1).mean().item(),
+        }
+        for name, term in (("quadratic", terms.quadratic), ("cubic", terms.cubic)):
+            if term is not None:
+                metrics[f"poly/{name}_norm"] = term.float().norm(dim=-1).mean().item()
+        for name, scale in (("lambda2", weights.lambda2), ("lambda3", weights.lambda3)):
+            if scale is not None:
+                metrics[f"poly/{name}"] = scale.item()
+        return metrics
 
     def calculate_topk_aux_loss(
         self,

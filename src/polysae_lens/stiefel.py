@@ -8,8 +8,15 @@ keeps U continuous from one step to the next.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.hooks import RemovableHandle
 
 
 def qr_retract(U_FR: Tensor) -> Tensor:
@@ -30,3 +37,117 @@ def orthogonality_error(U_FR: Tensor) -> Tensor:
     gram_RR = U.T @ U
     eye = torch.eye(gram_RR.shape[0], device=gram_RR.device)
     return (gram_RR - eye).abs().max()
+
+
+def project_to_tangent(U_FR: Tensor, V_FR: Tensor) -> Tensor:
+    """Project ``V`` onto the tangent space of the Stiefel manifold at ``U``:
+    ``V - U sym(U^T V)`` with ``sym(A) = (A + A^T) / 2``."""
+    UtV_RR = U_FR.T @ V_FR
+    return V_FR - U_FR @ ((UtV_RR + UtV_RR.T) / 2)
+
+
+# ---- retraction after optimizer steps ---------------------------------------
+#
+# SAETrainer builds its own Adam and has no callback, so the retraction rides on
+# torch's optimizer hooks: one global step post-hook, installed when the first
+# PolySAE is built (not at import), finds on an optimizer's first
+# step which tracked PolySAEs it updates and from then on retracts their U after
+# each of its steps. Optimizers that update no PolySAE cost one dict lookup.
+
+_TRACKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_TARGETS: weakref.WeakKeyDictionary[Optimizer, list[weakref.ref[nn.Module]]] = (
+    weakref.WeakKeyDictionary()
+)
+_global_hook: RemovableHandle | None = None
+
+
+def track_for_retraction(sae: nn.Module) -> None:
+    """Retract ``sae.U`` after every step of any optimizer that updates it.
+
+    Every PolySAE class calls this when it is built; users only need it for a
+    module of their own that exposes a ``U`` parameter.
+    """
+    global _global_hook
+    _TRACKED.add(sae)
+    if _global_hook is None:
+        _global_hook = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def attach_stiefel_retraction(
+    optimizer: Optimizer, saes: Iterable[nn.Module] | None = None
+) -> RemovableHandle:
+    """Retract the U of ``saes`` (default: every PolySAE whose U ``optimizer``
+    updates) after each ``optimizer.step()``, for custom training loops.
+
+    PolySAEs need no call: they are retracted automatically by any optimizer.
+    Attaching explicitly pins the set of retracted modules for this optimizer. An optimizer attached here is skipped by the
+    automatic hook, so nothing is retracted twice; ``handle.remove()`` stops the
+    retraction for this optimizer.
+    """
+    targets = _find_targets(optimizer) if saes is None else [weakref.ref(s) for s in saes]
+    for ref in targets:
+        if not _optimizes(optimizer, _projection(ref())):
+            raise ValueError(
+                f"{type(ref()).__name__}.U is not among this optimizer's parameters; "
+                "pass the SAEs whose parameters the optimizer updates."
+            )
+    _TARGETS[optimizer] = []  # the automatic hook leaves this optimizer alone
+
+    def hook(opt: Optimizer, args: Any, kwargs: Any) -> None:
+        _retract_targets(opt, targets)
+
+    return optimizer.register_step_post_hook(hook)
+
+
+@torch.no_grad()
+def retract_(sae: nn.Module, optimizer: Optimizer | None = None) -> None:
+    """Retract ``sae.U`` in place, following the SAE's Stiefel settings.
+
+    ``stiefel_every_n_steps`` (default 1) is counted with the optimizer's step
+    count for U (Adam's ``state["step"]``); with no such count every call
+    retracts. ``stiefel_project_moments`` also projects Adam's first moment of U
+    onto the tangent space at the retracted point.
+    """
+    every_n = getattr(sae.cfg, "stiefel_every_n_steps", 1)
+    if every_n == 0:
+        return
+    U = _projection(sae)
+    state = optimizer.state.get(U, {}) if optimizer is not None else {}
+    step = state.get("step")
+    if step is not None and int(step) % every_n != 0:
+        return
+    Q = qr_retract(U)
+    exp_avg = state.get("exp_avg")
+    if getattr(sae.cfg, "stiefel_project_moments", False) and exp_avg is not None:
+        exp_avg.copy_(project_to_tangent(Q.float(), exp_avg.float()).to(exp_avg.dtype))
+    U.copy_(Q)
+
+
+def _after_optimizer_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    targets = _TARGETS.get(optimizer)
+    if targets is None:
+        targets = _TARGETS[optimizer] = _find_targets(optimizer)
+    if targets:
+        _retract_targets(optimizer, targets)
+
+
+def _retract_targets(optimizer: Optimizer, targets: list[weakref.ref[nn.Module]]) -> None:
+    for ref in targets:
+        sae = ref()
+        if sae is not None:
+            retract_(sae, optimizer)
+
+
+def _find_targets(optimizer: Optimizer) -> list[weakref.ref[nn.Module]]:
+    return [weakref.ref(sae) for sae in list(_TRACKED) if _optimizes(optimizer, _projection(sae))]
+
+
+def _projection(sae: nn.Module | None) -> Tensor:
+    U = getattr(sae, "U", None)
+    if not isinstance(U, Tensor):
+        raise ValueError(f"{type(sae).__name__} has no U parameter to retract.")
+    return U
+
+
+def _optimizes(optimizer: Optimizer, param: Tensor) -> bool:
+    return any(p is param for group in optimizer.param_groups for p in group["params"])

@@ -1,0 +1,138 @@
+"""The Stiefel retraction rides on SAELens's own trainer and on custom loops."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.config import SAETrainerConfig
+
+from polysae_lens import PolyTopKSAE, PolyTopKSAEConfig, orthogonality_error, stiefel
+from polysae_lens.stiefel import attach_stiefel_retraction
+
+from .conftest import D_IN, make_training_sae
+
+BATCH = 64
+
+
+def batches(sae: Any, record: list[float] | None = None, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Random activations; before handing out each batch, record U's
+    orthogonality error, i.e. its state after the previous optimizer step."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(D_IN, D_IN, generator=gen)
+    while True:
+        if record is not None:
+            record.append(orthogonality_error(sae.U).item())
+        yield torch.randn(BATCH, D_IN, generator=gen) @ mixing
+
+
+def trainer_cfg(steps: int, **overrides: Any) -> SAETrainerConfig:
+    overrides.setdefault("lr_end", overrides.get("lr", 3e-4))
+    return SAETrainerConfig(
+        total_training_samples=steps * BATCH, train_batch_size_samples=BATCH, **overrides
+    )
+
+
+def test_stock_trainer_keeps_u_orthonormal_after_every_step(arch: str) -> None:
+    sae = make_training_sae(arch)
+    u_start = sae.U.detach().clone()
+    record: list[float] = []
+    SAETrainer(cfg=trainer_cfg(300), sae=sae, data_provider=batches(sae, record)).fit()
+    record.append(orthogonality_error(sae.U).item())
+    assert len(record) == 301
+    assert max(record) <= 1e-5
+    assert not torch.allclose(sae.U, u_start), "U should have been trained"
+
+
+def test_without_retraction_u_drifts() -> None:
+    sae = make_training_sae("poly", stiefel_every_n_steps=0)
+    SAETrainer(cfg=trainer_cfg(100, lr=1e-2), sae=sae, data_provider=batches(sae)).fit()
+    assert orthogonality_error(sae.U).item() > 1e-3
+
+
+def test_every_n_steps_retracts_on_multiples_of_n() -> None:
+    sae = make_training_sae("poly", stiefel_every_n_steps=3)
+    record: list[float] = []
+    SAETrainer(cfg=trainer_cfg(9, lr=1e-2), sae=sae, data_provider=batches(sae, record)).fit()
+    # record[i] is U after step i (record[0] is the start)
+    assert all(record[i] <= 1e-5 for i in (0, 3, 6))
+    assert all(record[i] > 1e-5 for i in (1, 2, 4, 5, 7, 8))
+
+
+def test_only_poly_u_parameters_are_touched_in_a_shared_optimizer() -> None:
+    polys = [make_training_sae("poly", seed=s) for s in (0, 1)]
+    stock = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=48, k=4))
+    params = [p for m in (*polys, stock) for p in m.parameters()]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    snapshot: dict[int, torch.Tensor] = {}
+
+    def take_snapshot(opt: Any, args: Any, kwargs: Any) -> None:
+        # per-optimizer post hooks run before the global retraction hook
+        snapshot.update({id(p): p.detach().clone() for p in params})
+
+    optimizer.register_step_post_hook(take_snapshot)
+    x = torch.randn(32, D_IN)
+    for _ in range(5):
+        loss = sum(((m(x) - x) ** 2).sum() for m in (*polys, stock))
+        loss.backward()  # type: ignore[union-attr]
+        optimizer.step()
+        optimizer.zero_grad()
+        retracted = {id(p) for p in params if not torch.equal(snapshot[id(p)], p)}
+        assert retracted == {id(m.U) for m in polys}
+    assert all(orthogonality_error(m.U) <= 1e-5 for m in polys)
+
+
+def test_explicit_attach_for_custom_loops_and_no_double_retraction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    inference = PolyTopKSAE(PolyTopKSAEConfig(d_in=D_IN, d_sae=48, k=4))
+    training = make_training_sae("poly")
+    optimizer = torch.optim.Adam([*inference.parameters(), *training.parameters()], lr=1e-2)
+    handle = attach_stiefel_retraction(optimizer)
+    calls: list[int] = []
+    real = stiefel.qr_retract
+    monkeypatch.setattr(stiefel, "qr_retract", lambda U: calls.append(1) or real(U))
+    x = torch.randn(32, D_IN)
+    for _ in range(4):
+        ((inference(x) - x) ** 2 + (training(x) - x) ** 2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert len(calls) == 8  # two SAEs, four steps, once each
+    assert orthogonality_error(inference.U) <= 1e-5
+    handle.remove()
+    ((inference(x) - x) ** 2).sum().backward()
+    optimizer.step()
+    assert orthogonality_error(inference.U) > 1e-5
+
+
+def test_attach_rejects_saes_the_optimizer_does_not_update() -> None:
+    sae = make_training_sae("poly")
+    other = make_training_sae("poly", seed=1)
+    optimizer = torch.optim.Adam(sae.parameters())
+    with pytest.raises(ValueError, match="not among this optimizer's parameters"):
+        attach_stiefel_retraction(optimizer, [other])
+
+
+def test_bfloat16_training_retracts_in_float32() -> None:
+    sae = make_training_sae("poly", dtype="bfloat16")
+    record: list[float] = []
+    data = (b.to(torch.bfloat16) for b in batches(sae, record))
+    SAETrainer(cfg=trainer_cfg(20), sae=sae, data_provider=data).fit()
+    assert sae.U.dtype == torch.bfloat16
+    # bf16 has an 8-bit mantissa: orthonormal up to its rounding
+    assert max(record) < 2e-2
+
+
+def test_projected_moments_lie_in_the_tangent_space() -> None:
+    sae = make_training_sae("poly", stiefel_project_moments=True)
+    trainer = SAETrainer(cfg=trainer_cfg(10, lr=1e-2), sae=sae, data_provider=batches(sae))
+    trainer.fit()
+    m = trainer.optimizer.state[sae.U]["exp_avg"]
+    sym = sae.U.T @ m
+    sym = (sym + sym.T) / 2
+    assert sym.abs().max() < 1e-5 * max(1.0, m.abs().max().item())
+    assert m.abs().max() > 0
