@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 
@@ -12,21 +15,37 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@torch.no_grad()
+def assert_fold_preserves_function(
+    sae: Any,
+    x: torch.Tensor,
+    to_trained_space: Callable[[torch.Tensor], torch.Tensor],
+    from_trained_space: Callable[[torch.Tensor], torch.Tensor],
+    fold: Callable[[], None],
+) -> None:
+    """The folded SAE on raw x equals the original SAE wrapped in the transform."""
+    z_ref = sae.encode(to_trained_space(x))
+    out_ref = from_trained_space(sae.decode(z_ref))
+    fold()
+    z = sae.encode(x)
+    assert sae.cfg.normalize_activations == "none"
+    assert torch.equal(z != 0, z_ref != 0)
+    _close(z, z_ref)
+    _close(sae.decode(z), out_ref)
+
+
 @pytest.mark.parametrize("scaling_factor", [0.37, 4.0])
 def test_fold_norm_scaling_factor_preserves_function(arch: str, scaling_factor: float) -> None:
     sae = make_training_sae(arch, normalize_activations="expected_average_only_in")
     sae.eval()
     x = activations() * 3
-    with torch.no_grad():
-        z_ref = sae.encode(x * scaling_factor)
-        out_ref = sae.decode(z_ref) / scaling_factor
-        sae.fold_activation_norm_scaling_factor(scaling_factor)
-        z = sae.encode(x)
-        out = sae.decode(z)
-    assert sae.cfg.normalize_activations == "none"
-    assert torch.equal(z != 0, z_ref != 0)
-    _close(z, z_ref)
-    _close(out, out_ref)
+    assert_fold_preserves_function(
+        sae,
+        x,
+        lambda x: x * scaling_factor,
+        lambda out: out / scaling_factor,
+        lambda: sae.fold_activation_norm_scaling_factor(scaling_factor),
+    )
 
 
 @pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
@@ -42,13 +61,10 @@ def test_fold_whitening_preserves_function(arch: str, apply_b_dec_to_input: bool
     M = torch.eye(D_IN) + 0.2 * torch.randn(D_IN, D_IN, generator=gen)
     M_inv = torch.linalg.inv(M)
     x = activations() + mean
-    with torch.no_grad():
-        z_ref = sae.encode((x - mean) @ M)
-        out_ref = sae.decode(z_ref) @ M_inv + mean
-        sae.fold_activation_whitening(mean, M, M_inv)
-        z = sae.encode(x)
-        out = sae.decode(z)
-    assert sae.cfg.normalize_activations == "none"
-    assert torch.equal(z != 0, z_ref != 0)
-    _close(z, z_ref)
-    _close(out, out_ref)
+    assert_fold_preserves_function(
+        sae,
+        x,
+        lambda x: (x - mean) @ M,
+        lambda out: out @ M_inv + mean,
+        lambda: sae.fold_activation_whitening(mean, M, M_inv),
+    )
