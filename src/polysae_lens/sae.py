@@ -56,9 +56,21 @@ from polysae_lens.polynomial import (
     project,
     terms_from_projection,
 )
+from polysae_lens.sparse import (
+    SparseCode,
+    code_from_dense,
+    code_from_positions,
+    gather_preacts,
+    project_sparse,
+    select_batch_topk,
+    select_topk,
+)
 from polysae_lens.stiefel import orthogonality_error, qr_retract, track_for_retraction
 
 logger = logging.getLogger(__name__)
+
+SPARSE_DENSITY = 0.125
+"""Codes with at most this fraction of nonzeros are decoded with the sparse kernels."""
 
 if TYPE_CHECKING:
     from sae_lens.saes.sae import SAE as _Base
@@ -85,6 +97,11 @@ class PolyDecoderMixin(_Base):
 
     sparsifier_params: ClassVar[tuple[str, ...]] = ("b_enc",)
     """Zero-initialised [d_sae] parameters the sparsifier needs besides W_enc."""
+
+    sparse_kernels: bool = True
+    """Use the sparse-aware kernels of :mod:`polysae_lens.sparse` where they apply.
+    Exact (the tests compare both paths); set to False on an instance to force
+    the dense path, e.g. to compare speed."""
 
     # ---- weights ---------------------------------------------------------
 
@@ -159,7 +176,13 @@ class PolyDecoderMixin(_Base):
                 f"Latents have last dimension {feature_acts.shape[-1]} but this SAE "
                 f"has d_sae={self.cfg.d_sae}."
             )
-        return poly_decode(feature_acts, self.decoder_weights)
+        return terms_from_projection(self._project(feature_acts), self.decoder_weights).total()
+
+    def _project(self, feature_acts: Tensor) -> Tensor:
+        """``z @ U``, from the active rows of U when the code is sparse enough."""
+        if self.sparse_kernels and not feature_acts.is_sparse and _is_sparse(feature_acts):
+            return project_sparse(code_from_dense(feature_acts), self.U)
+        return project(feature_acts, self.U)
 
     # ---- folds -----------------------------------------------------------
 
@@ -239,10 +262,92 @@ class PolyTrainingMixin(PolyDecoderMixin):
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        output = super().training_forward_pass(step_input)
+        if self.sparse_kernels and self._sparse_step_supported() and not _has_hooks(self):
+            output = self._sparse_training_forward_pass(step_input)
+        else:
+            output = super().training_forward_pass(step_input)
         if step_input.is_logging_step:
             output.metrics.update(self.decoder_metrics(output.feature_acts))
         return output
+
+    # ---- the sparse training step (TopK-style sparsifiers) ---------------
+    #
+    # The same losses as SAELens's dense step, but after the encoder matmul only
+    # the selected (row, latent) pairs are touched: the decoder gathers their rows
+    # of U and the encoder gradient reaches only their pre-activations.
+
+    def _sparse_step_supported(self) -> bool:
+        return False
+
+    def _select_active(self, hidden_pre_BF: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, cols) of the latents the sparsifier keeps, grouped by row."""
+        raise NotImplementedError
+
+    def _sparse_training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        sae_in_BD = self.process_sae_in(step_input.sae_in)
+        with torch.no_grad():
+            hidden_pre_BF = sae_in_BD @ self.W_enc + self.b_enc
+        rows_N, cols_N = self._select_active(hidden_pre_BF)
+        code = self._active_code(sae_in_BD, hidden_pre_BF, rows_N, cols_N, relu=True)
+        sae_out_BD = self._decode_code(code) + self.b_dec
+        sae_out_BD = self.run_time_activation_norm_fn_out(sae_out_BD)
+        losses = {"mse_loss": self.mse_loss_fn(sae_out_BD, step_input.sae_in).sum(-1).mean()}
+        losses.update(
+            self._sparse_extra_losses(step_input, sae_in_BD, hidden_pre_BF, code, sae_out_BD)
+        )
+        output = TrainStepOutput(
+            sae_in=step_input.sae_in,
+            sae_out=sae_out_BD,
+            feature_acts=code.to_coo(),
+            hidden_pre=hidden_pre_BF,
+            loss=torch.stack(list(losses.values())).sum(),
+            losses=losses,
+        )
+        self._after_sparse_step(output, code)
+        return output
+
+    def _active_code(
+        self, sae_in_BD: Tensor, hidden_pre_BF: Tensor, rows_N: Tensor, cols_N: Tensor, relu: bool
+    ) -> SparseCode:
+        code = code_from_positions(rows_N, cols_N, hidden_pre_BF.new_empty(0), hidden_pre_BF.shape)
+        pre_N = gather_preacts(
+            sae_in_BD, self.W_enc, self.b_enc, hidden_pre_BF, rows_N, cols_N, code.offsets_B
+        )
+        return code.with_vals(pre_N.relu() if relu else pre_N)
+
+    def _decode_code(self, code: SparseCode, weights: PolyDecoderWeights | None = None) -> Tensor:
+        weights = weights or self.decoder_weights
+        return terms_from_projection(project_sparse(code, weights.U_FR), weights).total()
+
+    def _sparse_extra_losses(
+        self,
+        step_input: TrainStepInput,
+        sae_in_BD: Tensor,
+        hidden_pre_BF: Tensor,
+        code: SparseCode,
+        sae_out_BD: Tensor,
+    ) -> dict[str, Tensor]:
+        """The AuxK loss, as :meth:`calculate_topk_aux_loss` computes it densely."""
+        dead_mask_F = step_input.dead_neuron_mask
+
+        def decode_top_dead(k_aux: int) -> Tensor:
+            assert dead_mask_F is not None
+            masked_BF = torch.where(dead_mask_F[None], hidden_pre_BF, -torch.inf)
+            rows_N, cols_N = select_topk(masked_BF, k_aux)
+            aux = self._active_code(sae_in_BD, hidden_pre_BF, rows_N, cols_N, relu=False)
+            return self._decode_code(aux)
+
+        loss = _auxk_loss(
+            residual_BD=(step_input.sae_in - sae_out_BD).detach(),
+            dead_mask_F=dead_mask_F,
+            k_aux=step_input.sae_in.shape[-1] // 2,
+            decode_top_dead=decode_top_dead,
+            normalize_activations=self.cfg.normalize_activations,
+        )
+        return {"auxiliary_reconstruction_loss": self.cfg.aux_loss_coefficient * loss}  # type: ignore[union-attr]
+
+    def _after_sparse_step(self, output: TrainStepOutput, code: SparseCode) -> None:
+        """Sparsifier bookkeeping after a sparse step (e.g. BatchTopK's threshold)."""
 
     @torch.no_grad()
     def decoder_metrics(self, feature_acts: Tensor) -> dict[str, float]:
@@ -271,13 +376,16 @@ class PolyTrainingMixin(PolyDecoderMixin):
     ) -> Tensor:
         """AuxK loss (paper Sec. 5.1: coefficient 1, k_aux = d_in / 2) through the
         polynomial decoder: the top dead latents reconstruct the residual."""
-        _require_aux_compatible_normalisation(self.cfg.normalize_activations)
+        if dead_neuron_mask is None:
+            return sae_out.new_tensor(0.0)
         loss = _auxk_loss(
             residual_BD=(sae_in - sae_out).detach(),
-            hidden_pre_BF=hidden_pre,
             dead_mask_F=dead_neuron_mask,
-            decode_fn=self._decode_without_bias,
             k_aux=sae_in.shape[-1] // 2,
+            decode_top_dead=partial(
+                _decode_top_dead_dense, hidden_pre, dead_neuron_mask, self._decode_without_bias
+            ),
+            normalize_activations=self.cfg.normalize_activations,
         )
         return self.cfg.aux_loss_coefficient * loss  # type: ignore[union-attr]
 
@@ -295,6 +403,14 @@ class PolyTopKTrainingSAE(PolyTrainingMixin, TopKTrainingSAE):
     """TopK PolySAE for training (``"poly"``), the paper's main setting."""
 
     cfg: PolyTopKTrainingSAEConfig  # type: ignore[assignment]
+
+    @override
+    def _sparse_step_supported(self) -> bool:
+        return True
+
+    @override
+    def _select_active(self, hidden_pre_BF: Tensor) -> tuple[Tensor, Tensor]:
+        return select_topk(hidden_pre_BF, self.cfg.k)
 
 
 # ---- JumpReLU --------------------------------------------------------------
@@ -340,6 +456,20 @@ class PolyBatchTopKTrainingSAE(PolyTrainingMixin, BatchTopKTrainingSAE):
     cfg: PolyBatchTopKTrainingSAEConfig  # type: ignore[assignment]
 
     @override
+    def _sparse_step_supported(self) -> bool:
+        return True
+
+    @override
+    def _select_active(self, hidden_pre_BF: Tensor) -> tuple[Tensor, Tensor]:
+        return select_batch_topk(hidden_pre_BF, self.cfg.k)
+
+    @override
+    def _after_sparse_step(self, output: TrainStepOutput, code: SparseCode) -> None:
+        # the threshold tracks the smallest kept activation, as SAELens's does
+        self.update_topk_threshold(code.vals_N.detach())
+        output.metrics["topk_threshold"] = self.topk_threshold
+
+    @override
     def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.training:
             return super().encode_with_hidden_pre(x)
@@ -359,6 +489,30 @@ class PolyMatryoshkaTrainingSAE(PolyBatchTopKTrainingSAE, MatryoshkaBatchTopKTra
     """
 
     cfg: PolyMatryoshkaTrainingSAEConfig  # type: ignore[assignment]
+
+    @override
+    def _sparse_step_supported(self) -> bool:
+        return not self.cfg.use_matryoshka_aux_loss
+
+    @override
+    def _sparse_extra_losses(
+        self,
+        step_input: TrainStepInput,
+        sae_in_BD: Tensor,
+        hidden_pre_BF: Tensor,
+        code: SparseCode,
+        sae_out_BD: Tensor,
+    ) -> dict[str, Tensor]:
+        losses = super()._sparse_extra_losses(
+            step_input, sae_in_BD, hidden_pre_BF, code, sae_out_BD
+        )
+        for width in self.cfg.matryoshka_widths[:-1]:
+            level = code.with_vals(code.vals_N * (code.cols_N < width))
+            level_out = self.run_time_activation_norm_fn_out(self._decode_code(level) + self.b_dec)
+            losses[f"inner_mse_loss_{width}"] = (
+                self.mse_loss_fn(level_out, step_input.sae_in).sum(dim=-1).mean()
+            )
+        return losses
 
     @override
     def _iterable_decode(
@@ -392,19 +546,25 @@ class PolyMatryoshkaTrainingSAE(PolyBatchTopKTrainingSAE, MatryoshkaBatchTopKTra
         """Per level, that level's dead latents reconstruct the level's residual."""
         if dead_neuron_mask is None or not bool(dead_neuron_mask.any()):
             return sae_out.new_tensor(0.0)
-        _require_aux_compatible_normalisation(self.cfg.normalize_activations)
         weights = self.decoder_weights
         losses = []
         start = 0
         for width, level_out in self._iterable_decode(feature_acts, include_outer_loss=True):
-            level_weights = weights._replace(U_FR=weights.U_FR[start:width])
+            level_dead = dead_neuron_mask[start:width]
             losses.append(
                 _auxk_loss(
                     residual_BD=(sae_in - level_out).detach(),
-                    hidden_pre_BF=hidden_pre[..., start:width],
-                    dead_mask_F=dead_neuron_mask[start:width],
-                    decode_fn=partial(poly_decode, weights=level_weights),
+                    dead_mask_F=level_dead,
                     k_aux=sae_in.shape[-1] // 2,
+                    decode_top_dead=partial(
+                        _decode_top_dead_dense,
+                        hidden_pre[..., start:width],
+                        level_dead,
+                        partial(
+                            poly_decode, weights=weights._replace(U_FR=weights.U_FR[start:width])
+                        ),
+                    ),
+                    normalize_activations=self.cfg.normalize_activations,
                 )
             )
             start = width
@@ -483,23 +643,44 @@ def _require_aux_compatible_normalisation(mode: str) -> None:
 
 def _auxk_loss(
     residual_BD: Tensor,
-    hidden_pre_BF: Tensor,
     dead_mask_F: Tensor | None,
-    decode_fn: Callable[[Tensor], Tensor],
     k_aux: int,
+    decode_top_dead: Callable[[int], Tensor],
+    normalize_activations: str,
 ) -> Tensor:
     """The top ``k_aux`` dead latents reconstruct the residual (Gao et al. 2024,
-    App. A.2), scaled down when fewer than ``k_aux`` latents are dead."""
+    App. A.2), scaled down when fewer than ``k_aux`` latents are dead.
+
+    ``decode_top_dead(k)`` decodes (without bias) each row's k largest dead
+    pre-activations.
+    """
     num_dead = 0 if dead_mask_F is None else int(dead_mask_F.sum())
     if num_dead == 0:
         return residual_BD.new_tensor(0.0)
-    assert dead_mask_F is not None
+    _require_aux_compatible_normalisation(normalize_activations)
     scale = min(num_dead / k_aux, 1.0)
-    aux_acts_BF = calculate_topk_aux_acts(
-        k_aux=min(k_aux, num_dead), hidden_pre=hidden_pre_BF, dead_neuron_mask=dead_mask_F
-    )
-    recons_BD = decode_fn(aux_acts_BF)
+    recons_BD = decode_top_dead(min(k_aux, num_dead))
     return scale * (recons_BD - residual_BD).pow(2).sum(dim=-1).mean()
+
+
+def _decode_top_dead_dense(
+    hidden_pre_BF: Tensor,
+    dead_mask_F: Tensor,
+    decode: Callable[[Tensor], Tensor],
+    k_aux: int,
+) -> Tensor:
+    return decode(calculate_topk_aux_acts(k_aux, hidden_pre_BF, dead_mask_F))
+
+
+def _is_sparse(z: Tensor) -> bool:
+    # Gathering rows of U beats the dense product well below this density.
+    return z.numel() > 0 and int(torch.count_nonzero(z)) <= SPARSE_DENSITY * z.numel()
+
+
+def _has_hooks(sae: nn.Module) -> bool:
+    """Whether any HookPoint of the SAE has hooks (the sparse step skips them)."""
+    hooks: list[nn.Module] = list(getattr(sae, "hook_dict", {}).values())
+    return any(h._forward_hooks or h._forward_pre_hooks or h._backward_hooks for h in hooks)
 
 
 def _check_state_dict(module: nn.Module, state_dict: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ keeps U continuous from one step to the next.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -17,6 +18,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.hooks import RemovableHandle
+
+logger = logging.getLogger(__name__)
 
 
 def qr_retract(U_FR: Tensor) -> Tensor:
@@ -29,6 +32,31 @@ def qr_retract(U_FR: Tensor) -> Tensor:
     signs_R = torch.sign(torch.diagonal(R_RR))
     signs_R = torch.where(signs_R == 0, torch.ones_like(signs_R), signs_R)
     return (Q_FR * signs_R).to(U_FR.dtype).contiguous()
+
+
+def cholesky_qr_retract(U_FR: Tensor) -> Tensor:
+    """The same Q factor as :func:`qr_retract`, from the Gram matrix.
+
+    With ``U = Q R`` and diag(R) > 0, ``U^T U = R^T R`` is the Cholesky
+    factorisation of the Gram matrix, so ``Q = U R^-1``. Two matrix products
+    over U instead of Householder QR: several times faster for U [16384, 768],
+    and as accurate when U is close to orthonormal, as it is one optimizer step
+    after a retraction. If the Gram matrix is not numerically positive definite
+    (U far from full rank) this falls back to Householder QR and logs a warning.
+    """
+    U = U_FR.float()
+    L_RR, info = torch.linalg.cholesky_ex(U.T @ U)
+    if int(info) != 0:
+        logger.warning(
+            "Cholesky-QR retraction failed (U is far from full rank); using Householder QR."
+        )
+        return qr_retract(U_FR)
+    Q_RF = torch.linalg.solve_triangular(L_RR, U.T, upper=False)
+    return Q_RF.T.to(U_FR.dtype).contiguous()
+
+
+RETRACTIONS = {"cholesky_qr": cholesky_qr_retract, "qr": qr_retract}
+"""Retraction methods by config name (``stiefel_method``)."""
 
 
 def orthogonality_error(U_FR: Tensor) -> Tensor:
@@ -105,7 +133,8 @@ def retract_(sae: nn.Module, optimizer: Optimizer | None = None) -> None:
 
     ``stiefel_every_n_steps`` (default 1) is counted with the optimizer's step
     count for U (Adam's ``state["step"]``); with no such count every call
-    retracts. ``stiefel_project_moments`` also projects Adam's first moment of U
+    retracts. ``stiefel_method`` picks the computation of the same Q factor
+    (default ``"qr"`` for modules without the field). ``stiefel_project_moments`` also projects Adam's first moment of U
     onto the tangent space at the retracted point.
     """
     every_n = getattr(sae.cfg, "stiefel_every_n_steps", 1)
@@ -116,7 +145,7 @@ def retract_(sae: nn.Module, optimizer: Optimizer | None = None) -> None:
     step = state.get("step")
     if step is not None and int(step) % every_n != 0:
         return
-    Q = qr_retract(U)
+    Q = RETRACTIONS[getattr(sae.cfg, "stiefel_method", "qr")](U)
     exp_avg = state.get("exp_avg")
     if getattr(sae.cfg, "stiefel_project_moments", False) and exp_avg is not None:
         exp_avg.copy_(project_to_tangent(Q.float(), exp_avg.float()).to(exp_avg.dtype))

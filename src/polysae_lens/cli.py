@@ -1,0 +1,297 @@
+"""The ``polysae-lens`` command line (also ``python -m polysae_lens``).
+
+Subcommands:
+
+``train``
+    Train an SAE through SAELens's stock ``LanguageModelSAETrainingRunner``.
+    It accepts every flag of SAELens's own training CLI
+    (``python -m sae_lens.llm_sae_training_runner``) plus the PolySAE config
+    fields (``--poly_order``, ``--poly_ranks R1 R2 R3``, ``--lambda2_init``,
+    ``--lambda3_init``, ``--stiefel_every_n_steps``,
+    ``--stiefel_project_moments``). ``--architecture`` defaults to ``poly``
+    (TopK PolySAE) and accepts every registered architecture, so linear
+    baselines (``topk``, ``batchtopk``, ...) train with the same tool. Unlike
+    SAELens's CLI, ``--seed`` seeds torch before the SAE is built, so two runs
+    with the same flags start from the same weights.
+
+New subcommands are added to :data:`SUBCOMMANDS` (see :class:`Subcommand`).
+
+The flag parsing is SAELens's: ``sae_lens.llm_sae_training_runner._parse_cfg_args``
+builds the ``--architecture`` choices from the training registry at call time,
+and importing :mod:`polysae_lens` has registered the PolySAE variants there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import logging
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from polysae_lens.sae import ARCHITECTURES, is_poly_sae
+from polysae_lens.stiefel import orthogonality_error
+
+if TYPE_CHECKING:
+    from sae_lens.config import HfDataset, LanguageModelSAERunnerConfig
+    from sae_lens.saes.sae import TrainingSAE
+    from transformer_lens.hook_points import HookedRootModule
+
+logger = logging.getLogger(__name__)
+
+PROG = "polysae-lens"
+DEFAULT_ARCHITECTURE = "poly"
+REQUIRED_SAE_LENS = "sae-lens >= 6.54, < 7 (developed against 6.54.12)"
+_ARCHITECTURE_FLAGS = ("--architecture", "--sae")
+
+
+class CLIError(ValueError):
+    """A command line that cannot be turned into a training run; the message
+    says which flag is wrong and why."""
+
+
+# ---- train -------------------------------------------------------------------
+
+
+def parse_train_args(args: Sequence[str]) -> LanguageModelSAERunnerConfig[Any]:
+    """Parse ``train`` flags into SAELens's ``LanguageModelSAERunnerConfig``.
+
+    ``--architecture`` defaults to ``"poly"``. No flags at all (like ``-h``)
+    prints the help of the ``poly`` architecture and exits. Raises
+    :class:`CLIError` for a bad value (unknown architecture, wrong type, a
+    config that fails validation); argparse itself exits with status 2 on
+    unknown flags.
+    """
+    parse_cfg_args = _sae_lens_parser()
+    args = list(args) or ["--help"]
+    architecture = _architecture_arg(args)
+    if architecture is None:
+        args = ["--architecture", DEFAULT_ARCHITECTURE, *args]
+    else:
+        _check_architecture(architecture)
+    try:
+        with _prog(f"{PROG} train"):
+            return parse_cfg_args(args)
+    except argparse.ArgumentError as e:
+        raise CLIError(str(e)) from e
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"invalid configuration: {e}") from e
+
+
+def run_train(
+    cfg: LanguageModelSAERunnerConfig[Any],
+    *,
+    override_model: HookedRootModule | None = None,
+    override_dataset: HfDataset | None = None,
+) -> TrainingSAE[Any]:
+    """Train with SAELens's stock ``LanguageModelSAETrainingRunner``.
+
+    Seeds torch with ``cfg.seed`` before the runner builds the SAE. Without
+    overrides the runner loads ``cfg.model_name`` and ``cfg.dataset_path``
+    itself (network access); ``override_model`` / ``override_dataset`` are
+    passed to the runner unchanged (offline use, tests). The SIGINT/SIGTERM
+    handlers the runner installs are restored afterwards.
+    """
+    from sae_lens import LanguageModelSAETrainingRunner
+
+    torch.manual_seed(cfg.seed)
+    with _restored_signal_handlers():
+        runner = LanguageModelSAETrainingRunner(
+            cfg, override_dataset=override_dataset, override_model=override_model
+        )
+        return runner.run()
+
+
+def summarize(sae: TrainingSAE[Any], cfg: LanguageModelSAERunnerConfig[Any]) -> str:
+    """One line describing a finished training run."""
+    parts = [
+        f"trained {cfg.sae.architecture()} SAE",
+        f"d_in={sae.cfg.d_in}",
+        f"d_sae={sae.cfg.d_sae}",
+        f"tokens={cfg.training_tokens}",
+    ]
+    if is_poly_sae(sae):
+        poly_cfg: Any = sae.cfg
+        parts.append(f"order={poly_cfg.poly_order}")
+        parts.append(f"ranks={tuple(poly_cfg.ranks)}")
+        for name in ("lambda2", "lambda3"):
+            value = getattr(sae, name, None)
+            if isinstance(value, torch.Tensor):
+                parts.append(f"{name}={value.item():.4g}")
+        parts.append(f"orthogonality_error={orthogonality_error(sae.U).item():.2e}")
+    parts.append(f"saved to {cfg.output_path}" if cfg.output_path else "not saved")
+    return ", ".join(parts)
+
+
+def _train_command(args: argparse.Namespace, rest: list[str]) -> int:
+    cfg = parse_train_args(rest)
+    sae = run_train(cfg)
+    print(summarize(sae, cfg))
+    return 0
+
+
+def _configure_train(parser: argparse.ArgumentParser) -> None:
+    # Every flag is SAELens's: they are forwarded, unparsed, to its parser.
+    parser.description = (
+        "Train an SAE with SAELens's LanguageModelSAETrainingRunner. Takes every flag "
+        "of SAELens's training CLI plus the PolySAE fields (--poly_order, --poly_ranks "
+        "R1 R2 R3, --lambda2_init, --lambda3_init, --stiefel_every_n_steps, "
+        f"--stiefel_project_moments). --architecture defaults to {DEFAULT_ARCHITECTURE!r}; "
+        f"PolySAE architectures: {', '.join(ARCHITECTURES)}. "
+        f"'{PROG} train --help' lists every flag."
+    )
+
+
+# ---- subcommand registry -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``polysae-lens`` subcommand.
+
+    ``configure`` adds the subcommand's own arguments to its parser. With
+    ``forward_args`` the subcommand parses its arguments itself: argparse
+    hands it every argument it does not know (``train`` forwards them to
+    SAELens's parser). ``run`` receives the parsed namespace and the forwarded
+    arguments and returns the exit status.
+    """
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, list[str]], int]
+    forward_args: bool = False
+
+
+SUBCOMMANDS: list[Subcommand] = [
+    Subcommand(
+        name="train",
+        help="train a PolySAE (or any SAELens architecture) on a language model",
+        configure=_configure_train,
+        run=_train_command,
+        forward_args=True,
+    ),
+    # Future subcommands (``eval``, ``demo``) are added here.
+]
+"""The subcommands of ``polysae-lens``, in help order."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser, with one sub-parser per entry of :data:`SUBCOMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="PolySAE (sparse autoencoders with a polynomial decoder) for SAELens.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for sub in SUBCOMMANDS:
+        sub_parser = subparsers.add_parser(sub.name, help=sub.help, add_help=not sub.forward_args)
+        sub.configure(sub_parser)
+        sub_parser.set_defaults(subcommand=sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``polysae-lens`` and ``python -m polysae_lens``; returns the
+    exit status."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    sub: Subcommand | None = getattr(args, "subcommand", None)
+    if sub is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if rest and not sub.forward_args:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return sub.run(args, rest)
+    except CLIError as e:
+        print(f"{PROG} {sub.name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+# ---- helpers -----------------------------------------------------------------
+
+
+def _sae_lens_parser() -> Callable[[Sequence[str]], LanguageModelSAERunnerConfig[Any]]:
+    """SAELens's training-CLI parser, or a clear error naming the needed version."""
+    try:
+        from sae_lens import llm_sae_training_runner
+
+        parse_cfg_args = llm_sae_training_runner._parse_cfg_args
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(
+            f"'{PROG} train' reuses SAELens's training CLI "
+            "(sae_lens.llm_sae_training_runner._parse_cfg_args), which the installed "
+            f"sae-lens {_installed_sae_lens()} does not provide; install {REQUIRED_SAE_LENS}."
+        ) from e
+    return parse_cfg_args
+
+
+def _architecture_arg(args: Sequence[str]) -> str | None:
+    """The value of ``--architecture`` (alias ``--sae``), if given."""
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in _ARCHITECTURE_FLAGS:
+            if eq:
+                return value
+            if i + 1 < len(args):
+                return args[i + 1]
+            raise CLIError(f"{flag} expects a value, e.g. {flag} {DEFAULT_ARCHITECTURE}.")
+    return None
+
+
+def _check_architecture(architecture: str) -> None:
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+    if architecture not in SAE_TRAINING_CLASS_REGISTRY:
+        others = sorted(set(SAE_TRAINING_CLASS_REGISTRY) - set(ARCHITECTURES))
+        raise CLIError(
+            f"unknown architecture {architecture!r}. PolySAE architectures: "
+            f"{', '.join(ARCHITECTURES)}; other SAELens architectures: {', '.join(others)}."
+        )
+
+
+@contextlib.contextmanager
+def _prog(prog: str) -> Iterator[None]:
+    """Make argparse messages from SAELens's parser name ``prog``: it takes its
+    program name from ``sys.argv[0]`` and takes no ``prog`` argument."""
+    saved = sys.argv[:1]
+    sys.argv[:1] = [prog]
+    try:
+        yield
+    finally:
+        sys.argv[:1] = saved
+
+
+@contextlib.contextmanager
+def _restored_signal_handlers() -> Iterator[None]:
+    """The runner installs SIGINT/SIGTERM handlers and never removes them."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _installed_sae_lens() -> str:
+    try:
+        return importlib.metadata.version("sae-lens")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("polysae-lens")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
