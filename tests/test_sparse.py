@@ -123,3 +123,22 @@ def test_sparse_and_dense_decode_agree(arch: str) -> None:
     sparse_out = sae.decode(z)
     sae.sparse_kernels = False
     torch.testing.assert_close(sparse_out, sae.decode(z), rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_step_under_bf16_autocast_matches_dense_step() -> None:
+    x = _rand(32, D_IN, seed=5).float()
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::4] = True
+    results = []
+    for sparse_kernels in (True, False):
+        sae = make_training_sae("poly")
+        sae.sparse_kernels = sparse_kernels
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_step(sae, x, dead))
+    (out_s, grads_s), (out_d, grads_d) = results
+    assert out_s.feature_acts.is_sparse
+    torch.testing.assert_close(out_s.loss.float(), out_d.loss.float(), rtol=2e-2, atol=1e-3)
+    for name, grad in grads_d.items():
+        assert grads_s[name].dtype == grad.dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(grads_s[name].flatten(), grad.flatten(), dim=0)
+        assert cos > 0.99, name

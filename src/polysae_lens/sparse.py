@@ -140,6 +140,7 @@ class _GatherPreacts(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(sae_in_BD, W_enc_DF, cols_N, offsets_B)
         ctx.d_sae = b_enc_F.shape[0]
+        ctx.b_dtype = b_enc_F.dtype
         return hidden_pre_BF[rows_N, cols_N]
 
     @staticmethod
@@ -150,18 +151,26 @@ class _GatherPreacts(torch.autograd.Function):
         if need_x or need_W:
             # One embedding_bag gives both: its output is the input gradient,
             # and its weight gradient for upstream gradient sae_in is W_enc's.
+            # (Under autocast the upstream gradient may be bf16: compute in W's dtype.)
             with torch.enable_grad():
                 W_enc_FD = W_enc_DF.detach().T.requires_grad_(need_W)
                 grad_x_BD = F.embedding_bag(
-                    cols_N, W_enc_FD, offsets_B, mode="sum", per_sample_weights=grad_N
+                    cols_N,
+                    W_enc_FD,
+                    offsets_B,
+                    mode="sum",
+                    per_sample_weights=grad_N.to(W_enc_FD.dtype),
                 )
                 if need_W:
-                    (grad_W_FD,) = torch.autograd.grad(grad_x_BD, W_enc_FD, sae_in_BD.detach())
+                    (grad_W_FD,) = torch.autograd.grad(
+                        grad_x_BD, W_enc_FD, sae_in_BD.detach().to(grad_x_BD.dtype)
+                    )
                     grad_W = grad_W_FD.T
             if need_x:
-                grad_x = grad_x_BD.detach()
+                grad_x = grad_x_BD.detach().to(sae_in_BD.dtype)
         if need_b:
-            grad_b = grad_N.new_zeros(ctx.d_sae).index_add_(0, cols_N, grad_N)
+            grad_b = grad_N.new_zeros(ctx.d_sae, dtype=ctx.b_dtype)
+            grad_b.index_add_(0, cols_N, grad_N.to(ctx.b_dtype))
         return grad_x, grad_W, grad_b, None, None, None, None
 
 

@@ -1,0 +1,192 @@
+"""Training-step and inference cost of PolySAE against SAELens's TopK SAE.
+
+In one process, interleaving the contenders round by round, this times
+
+- a full training step through SAELens's own ``SAETrainer.step`` (forward,
+  backward, grad-norm clip, Adam step, the PolySAE retraction, sparsity stats);
+- inference ``decode(encode(x))`` under ``torch.no_grad()``;
+- the encoder matmul ``x @ W_enc + b_enc`` alone: the floor no SAE can beat;
+
+for (a) SAELens's ``TopKTrainingSAE`` (``rescale_acts_by_decoder_norm=False``,
+the paper's setting), (b) PolySAE (sparse kernels, Cholesky-QR retraction every
+step), (c) PolySAE with the dense path, and reports medians and ratios to (a).
+Peak memory is the peak resident set size of a fresh subprocess that builds one
+contender and runs a few training steps, minus its size before building it.
+
+    python benchmarks/training_step.py            # GPT-2 small shape and a small shape
+    python benchmarks/training_step.py --quick    # tiny shapes, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sae_lens import SAETrainer, TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.config import SAETrainerConfig
+
+from polysae_lens import PolyTopKSAE, PolyTopKSAEConfig, PolyTopKTrainingSAE
+from polysae_lens import PolyTopKTrainingSAEConfig as PolyTrainCfg
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    d_in: int
+    d_sae: int
+    k: int
+    batch: int
+    ranks: tuple[int, int, int]
+
+
+SHAPES = {
+    "gpt2": Shape("gpt2", 768, 16384, 64, 4096, (768, 64, 64)),
+    "small": Shape("small", 128, 2048, 32, 1024, (128, 64, 64)),
+    "tiny": Shape("tiny", 32, 256, 8, 128, (32, 8, 8)),
+}
+CONTENDERS = ("topk", "poly", "poly_dense")
+
+
+def build(contender: str, shape: Shape, training: bool, autocast: bool = False) -> Any:
+    torch.manual_seed(0)
+    if contender == "topk":
+        if training:
+            return TopKTrainingSAE(
+                TopKTrainingSAEConfig(
+                    d_in=shape.d_in,
+                    d_sae=shape.d_sae,
+                    k=shape.k,
+                    rescale_acts_by_decoder_norm=False,
+                )
+            )
+        return TopKSAE(TopKSAEConfig(d_in=shape.d_in, d_sae=shape.d_sae, k=shape.k))
+    kwargs = {"d_in": shape.d_in, "d_sae": shape.d_sae, "k": shape.k, "poly_ranks": shape.ranks}
+    sae = (
+        PolyTopKTrainingSAE(PolyTrainCfg(**kwargs))
+        if training
+        else PolyTopKSAE(PolyTopKSAEConfig(**kwargs))
+    )
+    sae.sparse_kernels = contender != "poly_dense"
+    return sae
+
+
+def make_trainer(sae: Any, shape: Shape, autocast: bool) -> SAETrainer[Any, Any]:
+    cfg = SAETrainerConfig(
+        total_training_samples=10**12,
+        train_batch_size_samples=shape.batch,
+        lr=3e-4,
+        lr_end=3e-4,
+        autocast=autocast,
+    )
+    return SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
+
+
+def median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds per call, calling the contenders round-robin."""
+    for fn in fns.values():  # warm-up
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def time_shape(shape: Shape, repeats: int, autocast: bool) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randn(shape.batch, shape.d_in, generator=gen)
+    trainers = {c: make_trainer(build(c, shape, True), shape, autocast) for c in CONTENDERS}
+    inference = {c: build(c, shape, False) for c in CONTENDERS}
+    W_enc, b_enc = inference["topk"].W_enc.detach(), inference["topk"].b_enc.detach()
+
+    def encode_floor() -> None:
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            batch @ W_enc + b_enc
+
+    def infer(sae: Any) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                sae.decode(sae.encode(batch))
+
+        return run
+
+    fns: dict[str, Callable[[], Any]] = {"floor": encode_floor}
+    fns |= {f"train/{c}": (lambda t=t: t.step(batch)) for c, t in trainers.items()}
+    if not autocast:
+        fns |= {f"infer/{c}": infer(sae) for c, sae in inference.items()}
+    return median_times(fns, repeats)
+
+
+def peak_memory_mb(contender: str, shape: Shape, steps: int = 3) -> float:
+    """Peak RSS growth of a fresh process that trains one contender for a few steps."""
+    code = (
+        "import sys, json, resource, torch\n"
+        "sys.path.insert(0, 'benchmarks')\n"
+        "import training_step as b\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"shape = b.SHAPES[{shape.name!r}]\n"
+        f"t = b.make_trainer(b.build({contender!r}, shape, True), shape, False)\n"
+        "x = torch.randn(shape.batch, shape.d_in)\n"
+        f"for _ in range({steps}): t.step(x)\n"
+        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def report(shape: Shape, times: dict[str, float], memory: dict[str, float] | None) -> None:
+    print(
+        f"\n## shape {shape.name}: d_in {shape.d_in}, d_sae {shape.d_sae}, k {shape.k}, "
+        f"batch {shape.batch}, ranks {shape.ranks}"
+    )
+    print(f"{'measure':<22}{'median s':>12}{'/ topk':>10}{'/ floor':>10}")
+    floor = times["floor"]
+    print(f"{'encoder matmul floor':<22}{floor:>12.4f}{'':>10}{1.0:>10.2f}")
+    for kind in ("train", "infer"):
+        base = times.get(f"{kind}/topk")
+        for c in CONTENDERS:
+            key = f"{kind}/{c}"
+            if key in times and base is not None:
+                t = times[key]
+                print(f"{key:<22}{t:>12.4f}{t / base:>10.2f}{t / floor:>10.2f}")
+    if memory:
+        print(f"{'peak memory (MB)':<22}" + "".join(f"  {c}: {m:.0f}" for c, m in memory.items()))
+        if memory["topk"] > 0:
+            ratios = "".join(f"  {c}: {m / memory['topk']:.2f}" for c, m in memory.items())
+            print(f"{'memory / topk':<22}{ratios}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shape, few repeats")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--autocast", action="store_true", help="bf16 autocast training steps")
+    parser.add_argument("--no-memory", action="store_true")
+    args = parser.parse_args(argv)
+    shapes = [SHAPES["tiny"]] if args.quick else [SHAPES["gpt2"], SHAPES["small"]]
+    repeats = 2 if args.quick else args.repeats
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, autocast={args.autocast}"
+    )
+    for shape in shapes:
+        times = time_shape(shape, repeats, args.autocast)
+        memory = None
+        if not args.no_memory and not args.autocast:
+            memory = {c: peak_memory_mb(c, shape) for c in ("topk", "poly")}
+        report(shape, times, memory)
+
+
+if __name__ == "__main__":
+    main()
