@@ -37,12 +37,15 @@ class SparseCode(NamedTuple):
     """Number of latents."""
 
     def to_coo(self, detach: bool = True) -> Tensor:
-        """The code as a [B, d_sae] sparse COO tensor (SAELens accepts these)."""
+        """The code as a [B, d_sae] sparse COO tensor (SAELens accepts these).
+
+        Marked coalesced: every selection in this module yields entries sorted by
+        row and then latent, with no duplicates."""
         n_rows = self.offsets_B.shape[0]
         vals = self.vals_N.detach() if detach else self.vals_N
         indices = torch.stack([self.rows_N, self.cols_N])
         return torch.sparse_coo_tensor(
-            indices, vals, (n_rows, self.d_sae), is_coalesced=False, check_invariants=False
+            indices, vals, (n_rows, self.d_sae), is_coalesced=True, check_invariants=False
         )
 
     def to_dense(self) -> Tensor:
@@ -102,8 +105,9 @@ def project_sparse(code: SparseCode, U_FR: Tensor) -> Tensor:
 
 
 def select_topk(hidden_pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Per-row top-k latents: (rows_N, cols_N), grouped by row."""
-    cols_BK = hidden_pre_BF.topk(k, dim=-1, sorted=False).indices
+    """Per-row top-k latents: (rows_N, cols_N), sorted by row then latent, so
+    the COO form of the code is coalesced and sums over it need no sort."""
+    cols_BK = hidden_pre_BF.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
     n_rows = hidden_pre_BF.shape[0]
     rows_N = torch.arange(n_rows, device=cols_BK.device).repeat_interleave(k)
     return rows_N, cols_BK.reshape(-1)
@@ -153,7 +157,8 @@ class _GatherPreacts(torch.autograd.Function):
             # and its weight gradient for upstream gradient sae_in is W_enc's.
             # (Under autocast the upstream gradient may be bf16: compute in W's dtype.)
             with torch.enable_grad():
-                W_enc_FD = W_enc_DF.detach().T.requires_grad_(need_W)
+                # embedding_bag gathers rows: a strided view of W_enc is ~50x slower
+                W_enc_FD = W_enc_DF.detach().T.contiguous().requires_grad_(need_W)
                 grad_x_BD = F.embedding_bag(
                     cols_N,
                     W_enc_FD,
