@@ -33,7 +33,13 @@ class PolyDecoderFields:
     """The PolySAE decoder fields shared by every variant's config.
 
     A mixin: it is always combined with a SAELens config that provides
-    ``d_in`` and ``d_sae``.
+    ``d_in`` and ``d_sae``. (The Args section feeds the CLI's ``--help``.)
+
+    Args:
+        poly_order: 1 (linear), 2 (+ pairwise) or 3 (+ triple interactions).
+        poly_ranks: R1 R2 R3; default (d_in, min(64, d_in), min(64, d_in)).
+        lambda2_init: initial quadratic scale lambda2 (paper: -0.5).
+        lambda3_init: initial cubic scale lambda3 (paper: 0.5).
     """
 
     poly_order: int = 3
@@ -138,7 +144,14 @@ class _NoDecoderNormRescale:
 
 @dataclass
 class _PolyTrainingDefaults:
-    """Training-only defaults shared by the training configs."""
+    """Training-only fields shared by the training configs.
+
+    Args:
+        decoder_init_norm: if set, scale C1 so the mean row norm of U @ C1 is this.
+        stiefel_every_n_steps: retract U after every n-th optimizer step (0: never).
+        stiefel_method: "cholesky_qr" (default) or "qr"; both give the same Q.
+        stiefel_project_moments: also project Adam's first moment onto the tangent space.
+    """
 
     decoder_init_norm: float | None = None
     """If set, C1 is scaled at init so the mean row norm of the first-order
