@@ -1,0 +1,106 @@
+"""Cost and effect of the Stiefel retraction.
+
+1. Time of one retraction of U [16384, 768] (the GPT-2 small shape): Householder
+   QR against Cholesky-QR (the same Q factor), medians over repeats.
+2. Training effect of retracting every n steps: a TopK PolySAE trained by
+   SAELens's ``SAETrainer`` on ``sae_lens.synthetic`` activations with
+   ``stiefel_every_n_steps`` in {1, 4, 16} (and Householder QR at n = 1), the
+   same seed and data: final MSE on held-out samples, the largest
+   max |U^T U - I| seen before any retraction, and time per step.
+
+    python benchmarks/retraction.py           # about 3 minutes on 2 cores
+    python benchmarks/retraction.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+from sae_lens import SAETrainer
+from sae_lens.config import SAETrainerConfig
+from sae_lens.synthetic import ActivationGenerator, FeatureDictionary
+
+from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig, orthogonality_error
+from polysae_lens.stiefel import RETRACTIONS
+
+
+def time_retractions(d_sae: int, rank: int, repeats: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    U = RETRACTIONS["qr"](torch.randn(d_sae, rank, generator=gen))
+    U = U + 1e-3 * torch.randn(d_sae, rank, generator=gen)  # one optimizer step away
+    times: dict[str, list[float]] = {name: [] for name in RETRACTIONS}
+    for _ in range(repeats):
+        for name, retract in RETRACTIONS.items():
+            start = time.perf_counter()
+            retract(U)
+            times[name].append(time.perf_counter() - start)
+    q_chol, q_house = RETRACTIONS["cholesky_qr"](U), RETRACTIONS["qr"](U)
+    print(f"max |Q_cholesky - Q_householder| = {(q_chol - q_house).abs().max().item():.2e}")
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def train_variant(every_n: int, method: str, steps: int, d_in: int, d_sae: int) -> dict[str, Any]:
+    features = FeatureDictionary(4 * d_in, d_in, seed=0)
+    generator = ActivationGenerator(4 * d_in, firing_probabilities=0.03)
+
+    def batches(record: list[float], sae: Any) -> Any:
+        torch.manual_seed(1)
+        while True:
+            record.append(orthogonality_error(sae.U).item())
+            yield features(generator.sample(512))
+
+    torch.manual_seed(0)
+    cfg = PolyTopKTrainingSAEConfig(
+        d_in=d_in, d_sae=d_sae, k=8, stiefel_every_n_steps=every_n, stiefel_method=method
+    )
+    sae = PolyTopKTrainingSAE(cfg)
+    record: list[float] = []
+    trainer = SAETrainer(
+        cfg=SAETrainerConfig(
+            total_training_samples=steps * 512, train_batch_size_samples=512, lr=3e-4, lr_end=3e-4
+        ),
+        sae=sae,
+        data_provider=batches(record, sae),
+    )
+    start = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - start
+    torch.manual_seed(2)
+    held_out = features(generator.sample(4096))
+    with torch.no_grad():
+        sae.eval()
+        mse = (sae(held_out) - held_out).pow(2).sum(-1).mean().item()
+    return {
+        "mse": mse,
+        "max_orth_error": max(record),
+        "ms_per_step": 1000 * seconds / steps,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    shape = (1024, 64) if args.quick else (16384, 768)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"\n## one retraction of U {list(shape)} (median of {2 if args.quick else 5})")
+    for name, seconds in time_retractions(*shape, repeats=2 if args.quick else 5).items():
+        print(f"{name:<14}{seconds:>10.3f} s")
+    steps, d_in, d_sae = (200, 16, 128) if args.quick else (3000, 64, 1024)
+    print(f"\n## training: d_in {d_in}, d_sae {d_sae}, k 8, {steps} steps of 512, lr 3e-4")
+    print(f"{'variant':<22}{'held-out MSE':>14}{'max orth err':>14}{'ms/step':>10}")
+    variants = [(1, "cholesky_qr"), (1, "qr"), (4, "cholesky_qr"), (16, "cholesky_qr")]
+    for every_n, method in variants:
+        row = train_variant(every_n, method, steps, d_in, d_sae)
+        name = f"every {every_n}, {method}"
+        print(
+            f"{name:<22}{row['mse']:>14.5f}{row['max_orth_error']:>14.2e}{row['ms_per_step']:>10.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
