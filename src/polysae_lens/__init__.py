@@ -17,6 +17,11 @@ from polysae_lens.config import (
     PolyTopKSAEConfig,
     PolyTopKTrainingSAEConfig,
 )
+from polysae_lens.convert import (
+    convert_fork_checkpoint,
+    fork_disk_loader,
+    fork_huggingface_loader,
+)
 from polysae_lens.polynomial import (
     DecoderTerms,
     PolyDecoderWeights,
@@ -65,7 +70,10 @@ __all__ = [
     "PolyTopKTrainingSAE",
     "PolyTopKTrainingSAEConfig",
     "attach_stiefel_retraction",
+    "convert_fork_checkpoint",
     "decoder_terms",
+    "fork_disk_loader",
+    "fork_huggingface_loader",
     "is_poly_sae",
     "orthogonality_error",
     "poly_decode",
