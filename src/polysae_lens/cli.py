@@ -2,6 +2,10 @@
 
 Subcommands:
 
+``eval``
+    Score any SAELens SAE with the paper's sparse-probing F1 and Wasserstein
+    distance (:mod:`polysae_lens.evals`), write JSON and print a table.
+
 ``train``
     Train an SAE through SAELens's stock ``LanguageModelSAETrainingRunner``.
     It accepts every flag of SAELens's own training CLI
@@ -35,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from polysae_lens.evals.cli import add_eval_arguments, eval_command
 from polysae_lens.sae import ARCHITECTURES, is_poly_sae
 from polysae_lens.stiefel import orthogonality_error
 
@@ -177,7 +182,13 @@ SUBCOMMANDS: list[Subcommand] = [
         run=_train_command,
         forward_args=True,
     ),
-    # Future subcommands (``eval``, ``demo``) are added here.
+    Subcommand(
+        name="eval",
+        help="score an SAE with the paper's sparse-probing F1 and Wasserstein distance",
+        configure=add_eval_arguments,
+        run=eval_command,
+    ),
+    # Future subcommands (``demo``) are added here.
 ]
 """The subcommands of ``polysae-lens``, in help order."""
 
