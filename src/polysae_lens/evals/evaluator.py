@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -345,32 +345,33 @@ class _TaskSplit:
         )
 
 
-class ProbingEvaluator:
+class _SuiteEvaluator:
+    """An SAETrainer evaluator returning one family of a suite's metrics."""
+
+    metrics_method: ClassVar[str]
+
+    def __init__(self, suite: ProbingSuite, *, per_task: bool | None = None) -> None:
+        self.suite = suite
+        self.per_task = suite.config.per_task_metrics if per_task is None else per_task
+
+    def __call__(
+        self, sae: Any, data_provider: Any = None, activation_scaler: Any = None
+    ) -> dict[str, Any]:
+        results = self.suite.evaluate(sae, activation_scaler, data_provider)
+        metrics: dict[str, Any] = getattr(results, self.metrics_method)(per_task=self.per_task)
+        return metrics
+
+
+class ProbingEvaluator(_SuiteEvaluator):
     """SAETrainer evaluator returning the ``probing/...`` metrics of a suite."""
 
-    def __init__(self, suite: ProbingSuite, *, per_task: bool | None = None) -> None:
-        self.suite = suite
-        self.per_task = suite.config.per_task_metrics if per_task is None else per_task
-
-    def __call__(
-        self, sae: Any, data_provider: Any = None, activation_scaler: Any = None
-    ) -> dict[str, Any]:
-        results = self.suite.evaluate(sae, activation_scaler, data_provider)
-        return results.probing_metrics(per_task=self.per_task)
+    metrics_method = "probing_metrics"
 
 
-class WassersteinEvaluator:
+class WassersteinEvaluator(_SuiteEvaluator):
     """SAETrainer evaluator returning the ``wasserstein/...`` metrics of a suite."""
 
-    def __init__(self, suite: ProbingSuite, *, per_task: bool | None = None) -> None:
-        self.suite = suite
-        self.per_task = suite.config.per_task_metrics if per_task is None else per_task
-
-    def __call__(
-        self, sae: Any, data_provider: Any = None, activation_scaler: Any = None
-    ) -> dict[str, Any]:
-        results = self.suite.evaluate(sae, activation_scaler, data_provider)
-        return results.wasserstein_metrics(per_task=self.per_task)
+    metrics_method = "wasserstein_metrics"
 
 
 class CombinedEvaluator:
