@@ -62,7 +62,7 @@ def test_every_n_steps_retracts_on_multiples_of_n() -> None:
     assert all(record[i] > 1e-5 for i in (1, 2, 4, 5, 7, 8))
 
 
-def test_only_poly_u_parameters_are_touched_in_a_shared_optimizer() -> None:
+def test_only_poly_u_and_c1_parameters_are_touched_in_a_shared_optimizer() -> None:
     polys = [make_training_sae("poly", seed=s) for s in (0, 1)]
     stock = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=48, k=4))
     params = [p for m in (*polys, stock) for p in m.parameters()]
@@ -80,8 +80,8 @@ def test_only_poly_u_parameters_are_touched_in_a_shared_optimizer() -> None:
         loss.backward()  # type: ignore[union-attr]
         optimizer.step()
         optimizer.zero_grad()
-        retracted = {id(p) for p in params if not torch.equal(snapshot[id(p)], p)}
-        assert retracted == {id(m.U) for m in polys}
+        touched = {id(p) for p in params if not torch.equal(snapshot[id(p)], p)}
+        assert touched == {id(m.U) for m in polys} | {id(m.C1) for m in polys}
     assert all(orthogonality_error(m.U) <= 1e-5 for m in polys)
 
 
@@ -138,3 +138,28 @@ def test_projected_moments_lie_in_the_tangent_space() -> None:
     sym = (sym + sym.T) / 2
     assert sym.abs().max() < 1e-5 * max(1.0, m.abs().max().item())
     assert m.abs().max() > 0
+
+
+@pytest.mark.parametrize("scale", [None, 1.0, 5.0])
+def test_c1_step_scale_is_a_per_parameter_adam_learning_rate(scale: float | None) -> None:
+    sae = make_training_sae("poly", c1_lr_scale=scale, stiefel_every_n_steps=0)
+    reference = make_training_sae("poly", c1_lr_scale=scale, stiefel_every_n_steps=0)
+    expected_scale = 48 / 12 if scale is None else scale  # d_sae / R1 by default
+    assert stiefel.c1_step_scale(sae) == expected_scale
+    # the reference gives C1 its own Adam param group with the scaled lr, and is
+    # attached to no SAE (an empty explicit attach turns the automatic hooks off)
+    c1 = [reference.C1]
+    others = [p for p in reference.parameters() if p is not reference.C1]
+    ref_opt = torch.optim.Adam(
+        [{"params": others}, {"params": c1, "lr": 1e-3 * expected_scale}], lr=1e-3
+    )
+    attach_stiefel_retraction(ref_opt, [])
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    x = torch.randn(32, D_IN)
+    for _ in range(3):
+        for model, optimizer in ((sae, opt), (reference, ref_opt)):
+            ((model(x) - x) ** 2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    torch.testing.assert_close(sae.C1, reference.C1, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sae.W_enc, reference.W_enc, rtol=1e-5, atol=1e-7)

@@ -25,6 +25,7 @@ from polysae_lens.stiefel import RETRACTIONS
 
 POLY_ORDERS = (1, 2, 3)
 STIEFEL_METHODS = tuple(RETRACTIONS)
+C1_INITS = ("orthogonal", "kaiming")
 DEFAULT_INTERACTION_RANK = 64  # R2 = R3 = 64 for GPT-2 small (paper Sec. 5.1)
 
 
@@ -148,6 +149,8 @@ class _PolyTrainingDefaults:
 
     Args:
         decoder_init_norm: if set, scale C1 so the mean row norm of U @ C1 is this.
+        c1_init: "orthogonal" (default; sqrt(2) x orthonormal rows) or "kaiming" (paper).
+        c1_lr_scale: factor on C1's optimizer step; default d_sae / R1, 1.0 = paper.
         stiefel_every_n_steps: retract U after every n-th optimizer step (0: never).
         stiefel_method: "cholesky_qr" (default) or "qr"; both give the same Q.
         stiefel_project_moments: also project Adam's first moment onto the tangent space.
@@ -157,6 +160,16 @@ class _PolyTrainingDefaults:
     """If set, C1 is scaled at init so the mean row norm of the first-order
     decoder ``U @ C1`` equals this value. ``None`` (default) keeps the paper's
     Kaiming-uniform C1 (Sec. 4)."""
+    c1_init: str = "orthogonal"
+    """Initialisation of C1: ``"orthogonal"`` (default; sqrt(2) times a matrix
+    with orthonormal rows: the Frobenius norm of Kaiming's init with condition
+    number 1, so the first-order decoder U @ C1 starts well conditioned) or
+    ``"kaiming"`` (the paper's Kaiming-uniform, Sec. 4)."""
+    c1_lr_scale: float | None = None
+    """Factor applied to C1's optimizer step (for Adam, exactly its learning rate
+    relative to the other parameters). ``None`` (default) means d_sae / R1: with
+    U on the Stiefel manifold only C1's R1 x d_in entries can reshape the
+    decoder's spectrum. 1.0 is the paper's single learning rate."""
     stiefel_every_n_steps: int = 1
     """Retract U onto the Stiefel manifold after every n-th optimizer step. The
     paper retracts after every step (1, the default); 0 disables the retraction
@@ -175,6 +188,17 @@ class _PolyTrainingDefaults:
             raise ValueError(
                 f"stiefel_every_n_steps={n!r} must be an integer >= 1 (or 0 to "
                 "disable the retraction)."
+            )
+        if self.c1_init not in C1_INITS:
+            raise ValueError(
+                f"c1_init={self.c1_init!r} is not allowed: use one of {list(C1_INITS)}."
+            )
+        scale = self.c1_lr_scale
+        if scale is not None and (
+            not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0
+        ):
+            raise ValueError(
+                f"c1_lr_scale={scale!r} must be a positive finite number, or None for d_sae / R1."
             )
         if self.stiefel_method not in STIEFEL_METHODS:
             raise ValueError(

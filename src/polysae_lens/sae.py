@@ -111,10 +111,16 @@ class PolyDecoderMixin(_Base):
         r1, r2, r3 = cfg.ranks
         factory: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **factory))
-        # Paper Sec. 4: U orthonormal (QR of a Gaussian), C's Kaiming-uniform.
+        # Paper Sec. 4: U orthonormal (QR of a Gaussian), C's Kaiming-uniform; C1
+        # is orthogonal by default instead (c1_init; README "Training dynamics").
         gaussian = torch.randn(cfg.d_sae, r1, device=self.device, dtype=torch.float32)
         self.U = nn.Parameter(qr_retract(gaussian).to(self.dtype))
-        self.C1 = nn.Parameter(_kaiming_uniform(r1, cfg.d_in, factory))
+        if getattr(cfg, "c1_init", "orthogonal") == "orthogonal":
+            rows = torch.randn(cfg.d_in, r1, device=self.device, dtype=torch.float32)
+            C1 = (2.0**0.5 * qr_retract(rows).T).to(self.dtype)
+        else:
+            C1 = _kaiming_uniform(r1, cfg.d_in, factory)
+        self.C1 = nn.Parameter(C1.contiguous())
         if cfg.poly_order >= 2:
             self.C2 = nn.Parameter(_kaiming_uniform(r2, cfg.d_in, factory))
             self.lambda2 = nn.Parameter(torch.tensor(float(cfg.lambda2_init), **factory))

@@ -1,4 +1,5 @@
-"""Keeping the shared projection U on the Stiefel manifold (U^T U = I).
+"""Keeping the shared projection U on the Stiefel manifold (U^T U = I), and
+the other work PolySAE needs around every optimizer step (C1's step scale).
 
 The paper restores orthonormality after every optimizer step with a QR
 retraction (arXiv 2602.01322, Sec. 4): U is replaced by the Q factor of its
@@ -16,7 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from torch.utils.hooks import RemovableHandle
 
 logger = logging.getLogger(__name__)
@@ -35,24 +39,27 @@ def qr_retract(U_FR: Tensor) -> Tensor:
 
 
 def cholesky_qr_retract(U_FR: Tensor) -> Tensor:
-    """The same Q factor as :func:`qr_retract`, from the Gram matrix.
+    """The same Q factor as :func:`qr_retract`, from Gram matrices (CholeskyQR2).
 
     With ``U = Q R`` and diag(R) > 0, ``U^T U = R^T R`` is the Cholesky
-    factorisation of the Gram matrix, so ``Q = U R^-1``. Two matrix products
-    over U instead of Householder QR: several times faster for U [16384, 768],
-    and as accurate when U is close to orthonormal, as it is one optimizer step
-    after a retraction. If the Gram matrix is not numerically positive definite
-    (U far from full rank) this falls back to Householder QR and logs a warning.
+    factorisation of the Gram matrix, so ``Q = U R^-1``. One such pass loses
+    orthogonality in proportion to cond(U)^2, so a second pass re-orthonormalises
+    its output (the product of the two triangular factors is again upper
+    triangular with a positive diagonal: the Q is unchanged). Four matrix
+    products over U instead of Householder QR: several times faster for U
+    [16384, 768]. If a Gram matrix is not numerically positive definite (U far
+    from full rank) this falls back to Householder QR and logs a warning.
     """
-    U = U_FR.float()
-    L_RR, info = torch.linalg.cholesky_ex(U.T @ U)
-    if int(info) != 0:
-        logger.warning(
-            "Cholesky-QR retraction failed (U is far from full rank); using Householder QR."
-        )
-        return qr_retract(U_FR)
-    Q_RF = torch.linalg.solve_triangular(L_RR, U.T, upper=False)
-    return Q_RF.T.to(U_FR.dtype).contiguous()
+    Q_FR = U_FR.float()
+    for _ in range(2):
+        L_RR, info = torch.linalg.cholesky_ex(Q_FR.T @ Q_FR)
+        if int(info) != 0:
+            logger.warning(
+                "Cholesky-QR retraction failed (U is far from full rank); using Householder QR."
+            )
+            return qr_retract(U_FR)
+        Q_FR = torch.linalg.solve_triangular(L_RR, Q_FR.T, upper=False).T
+    return Q_FR.to(U_FR.dtype).contiguous()
 
 
 RETRACTIONS = {"cholesky_qr": cholesky_qr_retract, "qr": qr_retract}
@@ -74,43 +81,52 @@ def project_to_tangent(U_FR: Tensor, V_FR: Tensor) -> Tensor:
     return V_FR - U_FR @ ((UtV_RR + UtV_RR.T) / 2)
 
 
-# ---- retraction after optimizer steps ---------------------------------------
+# ---- around every optimizer step -------------------------------------------
 #
-# SAETrainer builds its own Adam and has no callback, so the retraction rides on
-# torch's optimizer hooks: one global step post-hook, installed when the first
-# PolySAE is built (not at import), finds on an optimizer's first
-# step which tracked PolySAEs it updates and from then on retracts their U after
-# each of its steps. Optimizers that update no PolySAE cost one dict lookup.
+# SAETrainer builds its own Adam and has no callback, so PolySAE's per-step work
+# rides on torch's optimizer hooks: one global step pre-hook and one post-hook,
+# installed when the first PolySAE is built (not at import). On an optimizer's
+# first step they find which tracked PolySAEs it updates; from then on, around
+# each of its steps, they scale C1's update by the SAE's C1 step scale (for Adam,
+# exactly a per-parameter learning rate, following any schedule) and then retract
+# U. Optimizers that update no PolySAE cost one dict lookup per step.
 
 _TRACKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _TARGETS: weakref.WeakKeyDictionary[Optimizer, list[weakref.ref[nn.Module]]] = (
     weakref.WeakKeyDictionary()
 )
-_global_hook: RemovableHandle | None = None
+_SNAPSHOTS: weakref.WeakKeyDictionary[Optimizer, list[tuple[Tensor, Tensor, float]]] = (
+    weakref.WeakKeyDictionary()
+)
+_global_hooks: tuple[RemovableHandle, RemovableHandle] | None = None
 
 
 def track_for_retraction(sae: nn.Module) -> None:
-    """Retract ``sae.U`` after every step of any optimizer that updates it.
+    """Retract ``sae.U`` (and scale its C1 step) around every step of any
+    optimizer that updates it.
 
     Every PolySAE class calls this when it is built; users only need it for a
     module of their own that exposes a ``U`` parameter.
     """
-    global _global_hook
+    global _global_hooks
     _TRACKED.add(sae)
-    if _global_hook is None:
-        _global_hook = register_optimizer_step_post_hook(_after_optimizer_step)
+    if _global_hooks is None:
+        _global_hooks = (
+            register_optimizer_step_pre_hook(_before_any_step),
+            register_optimizer_step_post_hook(_after_any_step),
+        )
 
 
 def attach_stiefel_retraction(
     optimizer: Optimizer, saes: Iterable[nn.Module] | None = None
 ) -> RemovableHandle:
     """Retract the U of ``saes`` (default: every PolySAE whose U ``optimizer``
-    updates) after each ``optimizer.step()``, for custom training loops.
+    updates) after each ``optimizer.step()``, and scale their C1 steps, for
+    custom training loops.
 
-    PolySAEs need no call: they are retracted automatically by any optimizer.
-    Attaching explicitly pins the set of retracted modules for this optimizer. An optimizer attached here is skipped by the
-    automatic hook, so nothing is retracted twice; ``handle.remove()`` stops the
-    retraction for this optimizer.
+    PolySAEs need no call: any optimizer handles them automatically. Attaching
+    explicitly pins the set of modules for this optimizer; the automatic hooks
+    then skip it, so nothing happens twice. ``handle.remove()`` stops both.
     """
     targets = _find_targets(optimizer) if saes is None else [weakref.ref(s) for s in saes]
     for ref in targets:
@@ -119,12 +135,32 @@ def attach_stiefel_retraction(
                 f"{type(ref()).__name__}.U is not among this optimizer's parameters; "
                 "pass the SAEs whose parameters the optimizer updates."
             )
-    _TARGETS[optimizer] = []  # the automatic hook leaves this optimizer alone
+    _TARGETS[optimizer] = []  # the automatic hooks leave this optimizer alone
+    pre = optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: _snapshot_scaled_steps(opt, targets)
+    )
+    post = optimizer.register_step_post_hook(lambda opt, args, kwargs: _finish_step(opt, targets))
+    return _BothHandles(pre, post)
 
-    def hook(opt: Optimizer, args: Any, kwargs: Any) -> None:
-        _retract_targets(opt, targets)
 
-    return optimizer.register_step_post_hook(hook)
+class _BothHandles(RemovableHandle):
+    def __init__(self, *handles: RemovableHandle) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def c1_step_scale(sae: nn.Module) -> float:
+    """The factor applied to C1's optimizer step: the config's ``c1_lr_scale``,
+    with ``None`` meaning d_sae / R1; 1 for modules without the field."""
+    cfg = getattr(sae, "cfg", None)
+    if cfg is None or not hasattr(cfg, "c1_lr_scale"):
+        return 1.0
+    if cfg.c1_lr_scale is not None:
+        return float(cfg.c1_lr_scale)
+    return cfg.d_sae / cfg.ranks[0]
 
 
 @torch.no_grad()
@@ -152,15 +188,40 @@ def retract_(sae: nn.Module, optimizer: Optimizer | None = None) -> None:
     U.copy_(Q)
 
 
-def _after_optimizer_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+def _targets(optimizer: Optimizer) -> list[weakref.ref[nn.Module]]:
     targets = _TARGETS.get(optimizer)
     if targets is None:
         targets = _TARGETS[optimizer] = _find_targets(optimizer)
+    return targets
+
+
+def _before_any_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    targets = _targets(optimizer)
     if targets:
-        _retract_targets(optimizer, targets)
+        _snapshot_scaled_steps(optimizer, targets)
 
 
-def _retract_targets(optimizer: Optimizer, targets: list[weakref.ref[nn.Module]]) -> None:
+def _after_any_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    targets = _TARGETS.get(optimizer)
+    if targets:
+        _finish_step(optimizer, targets)
+
+
+def _snapshot_scaled_steps(optimizer: Optimizer, targets: list[weakref.ref[nn.Module]]) -> None:
+    snapshots = []
+    for ref in targets:
+        sae = ref()
+        C1 = getattr(sae, "C1", None)
+        scale = c1_step_scale(sae) if sae is not None else 1.0
+        if isinstance(C1, Tensor) and scale != 1.0 and _optimizes(optimizer, C1):
+            snapshots.append((C1, C1.detach().clone(), scale))
+    _SNAPSHOTS[optimizer] = snapshots
+
+
+@torch.no_grad()
+def _finish_step(optimizer: Optimizer, targets: list[weakref.ref[nn.Module]]) -> None:
+    for param, before, scale in _SNAPSHOTS.pop(optimizer, []):
+        param.copy_(before + scale * (param - before))
     for ref in targets:
         sae = ref()
         if sae is not None:
