@@ -10,8 +10,9 @@ In one process, interleaving the contenders round by round, this times
 for (a) SAELens's ``TopKTrainingSAE`` (``rescale_acts_by_decoder_norm=False``,
 the paper's setting), (b) PolySAE (sparse kernels, Cholesky-QR retraction every
 step), (c) PolySAE with the dense path, and reports medians and ratios to (a).
-Peak memory is the peak resident set size of a fresh subprocess that builds one
-contender and runs a few training steps, minus its size before building it.
+Peak memory is the peak resident set size (VmHWM, which starts afresh at exec)
+of a fresh subprocess that builds one contender and runs a few training steps,
+minus its size before building it. ``poly_every4`` retracts every 4th step.
 
     python benchmarks/training_step.py            # GPT-2 small shape and a small shape
     python benchmarks/training_step.py --quick    # tiny shapes, a smoke run
@@ -53,7 +54,7 @@ SHAPES = {
     "small": Shape("small", 128, 2048, 32, 1024, (128, 64, 64)),
     "tiny": Shape("tiny", 32, 256, 8, 128, (32, 8, 8)),
 }
-CONTENDERS = ("topk", "poly", "poly_dense")
+CONTENDERS = ("topk", "poly", "poly_every4", "poly_dense")
 
 
 def build(contender: str, shape: Shape, training: bool, autocast: bool = False) -> Any:
@@ -107,7 +108,7 @@ def time_shape(shape: Shape, repeats: int, autocast: bool) -> dict[str, float]:
     gen = torch.Generator().manual_seed(1)
     batch = torch.randn(shape.batch, shape.d_in, generator=gen)
     trainers = {c: make_trainer(build(c, shape, True), shape, autocast) for c in CONTENDERS}
-    inference = {c: build(c, shape, False) for c in CONTENDERS}
+    inference = {c: build(c, shape, False) for c in CONTENDERS if c != "poly_every4"}
     W_enc, b_enc = inference["topk"].W_enc.detach(), inference["topk"].b_enc.detach()
 
     def encode_floor() -> None:
@@ -128,18 +129,28 @@ def time_shape(shape: Shape, repeats: int, autocast: bool) -> dict[str, float]:
     return median_times(fns, repeats)
 
 
+def peak_rss_kb() -> int:
+    """This process's peak resident set size (Linux VmHWM; ru_maxrss would
+    carry over the parent's peak across fork and exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("VmHWM not found in /proc/self/status (Linux only)")
+
+
 def peak_memory_mb(contender: str, shape: Shape, steps: int = 3) -> float:
     """Peak RSS growth of a fresh process that trains one contender for a few steps."""
     code = (
-        "import sys, json, resource, torch\n"
+        "import sys, json, torch\n"
         "sys.path.insert(0, 'benchmarks')\n"
         "import training_step as b\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "base = b.peak_rss_kb()\n"
         f"shape = b.SHAPES[{shape.name!r}]\n"
         f"t = b.make_trainer(b.build({contender!r}, shape, True), shape, False)\n"
         "x = torch.randn(shape.batch, shape.d_in)\n"
         f"for _ in range({steps}): t.step(x)\n"
-        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))\n"
+        "print(json.dumps((b.peak_rss_kb() - base) / 1024))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
