@@ -2,6 +2,11 @@
 
 Subcommands:
 
+``demo``
+    The compositional ground-truth study: train a linear TopK SAE and a
+    PolySAE on synthetic activations with planted interactions and write a
+    report (:mod:`polysae_lens.demo`).
+
 ``eval``
     Score any SAELens SAE with the paper's sparse-probing F1 and Wasserstein
     distance (:mod:`polysae_lens.evals`), write JSON and print a table.
@@ -39,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from polysae_lens.demo import add_demo_arguments, demo_command
 from polysae_lens.evals.cli import add_eval_arguments, eval_command
 from polysae_lens.sae import ARCHITECTURES, is_poly_sae
 from polysae_lens.stiefel import orthogonality_error
@@ -188,7 +194,12 @@ SUBCOMMANDS: list[Subcommand] = [
         configure=add_eval_arguments,
         run=eval_command,
     ),
-    # Future subcommands (``demo``) are added here.
+    Subcommand(
+        name="demo",
+        help="compare PolySAE with a linear SAE on synthetic compositional ground truth",
+        configure=add_demo_arguments,
+        run=demo_command,
+    ),
 ]
 """The subcommands of ``polysae-lens``, in help order."""
 

@@ -1,0 +1,303 @@
+"""Tables, Markdown and plots for the results of :func:`polysae_lens.study.run_study`."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+Better = Literal["higher", "lower", "closer_to_zero", "none"]
+
+PLOT_FILES = {
+    "strength": "strength_learned_vs_planted.png",
+    "cooccurrence": "interaction_vs_cooccurrence.png",
+    "terms": "decoder_term_shares.png",
+}
+
+
+class Row(NamedTuple):
+    """One line of the side-by-side table."""
+
+    metric: str
+    linear: float | None
+    poly: float | None
+    better: Better
+    """Which direction is better; ``"none"`` for descriptive rows."""
+
+    def winner(self) -> str:
+        """``"poly"``, ``"linear"``, ``"tie"`` or ``""`` (not comparable)."""
+        if self.better == "none" or self.linear is None or self.poly is None:
+            return ""
+        if any(math.isnan(v) for v in (self.linear, self.poly)):
+            return ""
+        a, b = self.linear, self.poly
+        if self.better == "closer_to_zero":
+            a, b = -abs(a), -abs(b)
+        elif self.better == "lower":
+            a, b = -a, -b
+        if math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-6):
+            return "tie"
+        return "poly" if b > a else "linear"
+
+
+def _get(d: dict[str, Any] | None, *path: str) -> float | None:
+    for key in path:
+        if d is None:
+            return None
+        d = d.get(key)
+    return None if d is None else float(d)  # type: ignore[arg-type]
+
+
+def summary_rows(results: dict[str, Any]) -> list[Row]:
+    """The side-by-side rows of a study's results."""
+    lin, poly = results["saes"]["linear"], results["saes"]["poly"]
+
+    def row(metric: str, better: Better, *path: str) -> Row:
+        return Row(metric, _get(lin, *path), _get(poly, *path), better)
+
+    rows = [
+        row("MSE (held out)", "lower", "mse"),
+        row("explained variance", "higher", "explained_variance"),
+        row("L0", "none", "l0"),
+        row("dead latents", "lower", "dead_latents"),
+        row("atom recovery (MCC)", "higher", "mcc"),
+        row("composition as a latent (best cos)", "higher", "composite_latent_cosine"),
+        row("interaction direction (best cos)", "higher", "interaction_best_cosine"),
+        row("interaction direction (atom-matched cos)", "higher", "interaction_matched_cosine"),
+        row("learned vs planted strength (Spearman)", "higher", "strength_correlation", "spearman"),
+        row(
+            "interaction strength vs co-occurrence (Pearson)",
+            "closer_to_zero",
+            "cooccurrence",
+            "interaction_vs_cooccurrence",
+            "pearson",
+        ),
+        row(
+            "latent covariance vs co-occurrence (Pearson)",
+            "none",
+            "cooccurrence",
+            "covariance_vs_cooccurrence",
+            "pearson",
+        ),
+    ]
+    ks = sorted(int(key[4:]) for key in lin.get("probing", {}) if key.startswith("f1_k"))
+    rows += [row(f"composition probe F1, k={k}", "higher", "probing", f"f1_k{k}") for k in ks]
+    rows += [
+        row("composition Wasserstein-1 (raw)", "higher", "probing", "wasserstein"),
+        row(
+            "composition Wasserstein-1 (standardized)",
+            "higher",
+            "probing",
+            "wasserstein_standardized",
+        ),
+        row("parameters", "none", "n_parameters"),
+    ]
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if math.isnan(value):
+        return "nan"
+    if value == int(value) and abs(value) >= 1:
+        return f"{int(value)}"
+    return f"{value:.4f}"
+
+
+def format_table(rows: list[Row]) -> str:
+    """A Markdown table (also readable as plain text)."""
+    width = max(len(r.metric) for r in rows)
+    lines = [
+        f"| {'metric':<{width}} | {'linear TopK':>11} | {'PolySAE':>10} | better |",
+        f"|{'-' * (width + 2)}|{'-' * 13}:|{'-' * 11}:|--------|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.metric:<{width}} | {_fmt(r.linear):>11} | {_fmt(r.poly):>10} | {r.winner():<6} |"
+        )
+    return "\n".join(lines)
+
+
+def _losses(rows: list[Row]) -> list[str]:
+    return [r.metric for r in rows if r.winner() in ("linear", "tie")]
+
+
+def _corr(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "n/a"
+    return f"Pearson {d['pearson']:.3f}, Spearman {d['spearman']:.3f} over {d['n']} pairs"
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    """The full Markdown report."""
+    cfg, gt = results["config"], results["ground_truth"]
+    gcfg = cfg["ground_truth"]
+    rows = summary_rows(results)
+    losses = _losses(rows)
+    lin, poly = results["saes"]["linear"], results["saes"]["poly"]
+    lines = [
+        "# PolySAE vs a linear TopK SAE on compositional ground truth",
+        "",
+        "Both SAEs were trained by SAELens's trainer with the same width "
+        f"(d_sae {cfg['d_sae']}), k ({cfg['k']}), learning rate ({cfg['lr']}), "
+        f"batch ({cfg['batch_size']}) and samples ({cfg['training_samples']:,}), seed "
+        f"{cfg['seed']}. Data: {gcfg['num_atoms']} atoms in d_in {gcfg['d_in']} "
+        f"(true L0 {gt['true_l0']:.2f}), {gcfg['num_interacting_pairs']} planted "
+        f"interacting pairs and {gcfg['num_decoy_pairs']} co-firing decoy pairs; the "
+        f"interaction terms carry {100 * gt['interaction_energy_share']:.1f}% of the "
+        "activations' energy. Metrics on "
+        f"{cfg['eval_samples']:,} held-out samples.",
+        "",
+        format_table(rows),
+        "",
+        "`better` names the SAE with the better value (`tie` within 0.1%); blank "
+        "rows are descriptive or apply to one SAE only.",
+        "",
+        "## Where PolySAE does not win",
+        "",
+    ]
+    if losses:
+        lines += [f"- {m}" for m in losses]
+    else:
+        lines.append("- PolySAE is better on every comparable metric in this run.")
+    lines += [
+        "",
+        "## Interactions and co-occurrence",
+        "",
+        "- Ground truth, planted strength vs co-firing frequency of the interacting "
+        f"pairs: {_corr(gt['strength_vs_cofire_frequency'])} (independent by design).",
+        "- PolySAE, learned strength of the atom-matched latent pairs vs planted "
+        f"strength (decoys count as 0): {_corr(poly.get('strength_correlation'))}.",
+        "- PolySAE, interaction strength vs co-occurrence over co-firing latent "
+        f"pairs: {_corr(poly['cooccurrence'].get('interaction_vs_cooccurrence'))}.",
+        "- Linear SAE, latent covariance vs co-occurrence (the paper's baseline): "
+        f"{_corr(lin['cooccurrence']['covariance_vs_cooccurrence'])}.",
+        "- PolySAE, latent covariance vs co-occurrence: "
+        f"{_corr(poly['cooccurrence']['covariance_vs_cooccurrence'])}.",
+        "",
+        f"![learned vs planted strength]({PLOT_FILES['strength']})",
+        "",
+        f"![interaction strength vs co-occurrence]({PLOT_FILES['cooccurrence']})",
+        "",
+        "## Decoder terms",
+        "",
+        "Share of the reconstruction's energy (sum of squares over a batch) by term, "
+        "PolySAE at the end of training: "
+        + ", ".join(f"{k} {100 * v:.2f}%" for k, v in poly.get("term_shares", {}).items())
+        + f". U orthogonality error: {poly.get('orthogonality_error', float('nan')):.1e}.",
+        "",
+        f"![decoder term shares]({PLOT_FILES['terms']})",
+        "",
+        "## Definitions",
+        "",
+        "- Interaction direction of latents i, j: the decoder's mixed second derivative "
+        "at z = 0, v_ij = 2 lambda2 sum_r U[i,r] U[j,r] C2[r]; strength B_ij = ||v_ij||.",
+        "- Atom-matched: each atom is matched to the latent whose first-order decoder "
+        "row has the largest |cosine| with it.",
+        "- Composition tasks: label 1 when both atoms of an interacting pair fire, 0 "
+        "when exactly one does; probe and Wasserstein as in the paper's protocol, "
+        "averaged over tasks.",
+        "",
+        "Runtime: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in results.get("runtime_seconds", {}).items())
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_strength(results: dict[str, Any], ax: Any) -> None:
+    matched = results["saes"]["poly"].get("matched_pairs")
+    if not matched:
+        ax.text(0.5, 0.5, "PolySAE of order 1: no interactions", ha="center")
+        return
+    planted, learned = matched["planted_strength"], matched["learned_strength"]
+    inter = matched["interacting"]
+    xs_i = [p for p, m in zip(planted, inter, strict=True) if m]
+    ys_i = [v for v, m in zip(learned, inter, strict=True) if m]
+    ys_d = [v for v, m in zip(learned, inter, strict=True) if not m]
+    ax.scatter(xs_i, ys_i, label="interacting pairs", color="tab:blue")
+    ax.scatter([0.0] * len(ys_d), ys_d, label="decoys (co-fire, no interaction)", color="tab:red")
+    corr = results["saes"]["poly"]["strength_correlation"]
+    ax.set_xlabel("planted strength s_p")
+    ax.set_ylabel("learned strength B_ij of the atom-matched latents")
+    ax.set_title(f"PolySAE: learned vs planted (Spearman {corr['spearman']:.2f})")
+    ax.legend()
+
+
+def _plot_cooccurrence(results: dict[str, Any], axes: Any) -> None:
+    panels: list[tuple[str, str, str, str]] = [
+        ("poly", "interaction_strength", "interaction_vs_cooccurrence", "PolySAE B_ij"),
+        ("linear", "covariance", "covariance_vs_cooccurrence", "linear SAE latent covariance"),
+    ]
+    for ax, (name, key, corr_key, label) in zip(axes, panels, strict=True):
+        co = results["saes"][name]["cooccurrence"]
+        ys = co["scatter"].get(key)
+        if ys is None:
+            ax.text(0.5, 0.5, "n/a", ha="center")
+            continue
+        ax.scatter(co["scatter"]["frequency"], ys, s=4, alpha=0.4)
+        ax.set_xscale("log")
+        ax.set_xlabel("co-occurrence frequency")
+        ax.set_ylabel(label)
+        r = co[corr_key]
+        ax.set_title(f"{label}\nPearson {r['pearson']:.2f}, Spearman {r['spearman']:.2f}")
+
+
+def _plot_terms(results: dict[str, Any], axes: Any) -> None:
+    curve = results["curves"]["poly"]
+    samples = [p["samples"] for p in curve]
+    for term in ("linear", "quadratic", "cubic"):
+        if term in curve[-1]["term_shares"]:
+            axes[0].plot(samples, [p["term_shares"][term] for p in curve], marker="o", label=term)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("training samples")
+    axes[0].set_ylabel("share of reconstruction energy")
+    axes[0].set_title("PolySAE decoder terms over training")
+    axes[0].legend()
+    for name in ("linear", "poly"):
+        c = results["curves"][name]
+        axes[1].plot(
+            [p["samples"] for p in c], [p["explained_variance"] for p in c], marker="o", label=name
+        )
+    axes[1].set_xlabel("training samples")
+    axes[1].set_ylabel("explained variance (held out)")
+    axes[1].set_title("Reconstruction over training")
+    axes[1].legend()
+
+
+def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """The three PNG plots of :data:`PLOT_FILES`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    makers: dict[str, tuple[tuple[int, int], Callable[[dict[str, Any], Any], None]]] = {
+        "strength": ((1, 1), _plot_strength),
+        "cooccurrence": ((1, 2), _plot_cooccurrence),
+        "terms": ((1, 2), _plot_terms),
+    }
+    paths = []
+    for key, ((nrows, ncols), draw) in makers.items():
+        fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.5))
+        draw(results, axes)
+        fig.tight_layout()
+        path = out_dir / PLOT_FILES[key]
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write ``results.json``, ``report.md`` and the plots into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "results.json"
+    json_path.write_text(json.dumps(results, indent=2, allow_nan=True))
+    report_path = out / "report.md"
+    report_path.write_text(markdown_report(results))
+    return [json_path, report_path, *write_plots(results, out)]
