@@ -68,11 +68,14 @@ def test_quick_demo_writes_results_report_and_plots(quick_runs: list[tuple[Path,
     out, printed = quick_runs[0]
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"config", "ground_truth", "saes", "curves", "runtime_seconds"}
-    assert set(results["saes"]) == {"linear", "poly"}
+    assert set(results["saes"]) == {"linear", "poly", "poly_order1"}
     assert set(results["saes"]["linear"]) >= PER_SAE_KEYS
     assert set(results["saes"]["poly"]) >= PER_SAE_KEYS | POLY_ONLY_KEYS
-    assert results["saes"]["linear"]["interaction_best_cosine"] is None
-    for name in ("linear", "poly"):
+    assert set(results["saes"]["poly_order1"]) >= PER_SAE_KEYS
+    for name in ("linear", "poly_order1"):
+        assert results["saes"][name]["interaction_best_cosine"] is None
+    assert results["saes"]["poly_order1"]["term_shares"] == {"linear": 1.0}
+    for name in ("linear", "poly", "poly_order1"):
         row = results["saes"][name]
         assert row["l0"] == pytest.approx(results["config"]["k"])
         assert set(row["probing"]) == {
@@ -94,6 +97,7 @@ def test_quick_demo_writes_results_report_and_plots(quick_runs: list[tuple[Path,
 
     report = (out / "report.md").read_text()
     assert "| metric" in report and "Where PolySAE does not win" in report
+    assert "PolySAE order 1" in report and "What the polynomial terms add" in report
     for png in PLOT_FILES.values():
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
         assert f"]({png})" in report
@@ -111,13 +115,15 @@ def test_quick_demo_is_reproducible(quick_runs: list[tuple[Path, str]]) -> None:
 
 def test_report_names_what_poly_does_not_win() -> None:
     rows = [
-        Row("mse", 1.0, 2.0, "lower"),
-        Row("f1", 0.9, 0.8, "higher"),
-        Row("r", 0.5, -0.1, "closer_to_zero"),
-        Row("l0", 5.0, 5.0, "none"),
-        Row("only poly", None, 0.3, "higher"),
+        Row("mse", {"linear": 1.0, "poly": 2.0, "poly_order1": 0.5}, "lower"),
+        Row("f1", {"linear": 0.9, "poly": 0.8, "poly_order1": 0.8}, "higher"),
+        Row("r", {"linear": 0.5, "poly": -0.1, "poly_order1": 0.2}, "closer_to_zero"),
+        Row("l0", {"linear": 5.0, "poly": 5.0, "poly_order1": 5.0}, "none"),
+        Row("only poly", {"linear": None, "poly": 0.3, "poly_order1": None}, "higher"),
     ]
     assert [r.winner() for r in rows] == ["linear", "linear", "poly", "", ""]
+    ablation = [r.winner("poly_order1", "poly") for r in rows]
+    assert ablation == ["poly_order1", "tie", "poly", "", ""]
 
 
 def test_summary_rows_cover_the_issue_metrics(quick_runs: list[tuple[Path, str]]) -> None:

@@ -17,29 +17,34 @@ PLOT_FILES = {
 }
 
 
+SAE_LABELS = {"linear": "linear TopK", "poly": "PolySAE", "poly_order1": "PolySAE order 1"}
+"""Column titles of the SAEs a study trains (``poly_order1`` is the ablation)."""
+
+
 class Row(NamedTuple):
     """One line of the side-by-side table."""
 
     metric: str
-    linear: float | None
-    poly: float | None
+    values: dict[str, float | None]
+    """Value per SAE name (keys of :data:`SAE_LABELS` present in the results)."""
     better: Better
     """Which direction is better; ``"none"`` for descriptive rows."""
 
-    def winner(self) -> str:
-        """``"poly"``, ``"linear"``, ``"tie"`` or ``""`` (not comparable)."""
-        if self.better == "none" or self.linear is None or self.poly is None:
+    def winner(self, a: str = "linear", b: str = "poly") -> str:
+        """Which of SAEs ``a`` and ``b`` is better: their name, ``"tie"``, or
+        ``""`` when not comparable."""
+        va, vb = self.values.get(a), self.values.get(b)
+        if self.better == "none" or va is None or vb is None:
             return ""
-        if any(math.isnan(v) for v in (self.linear, self.poly)):
+        if math.isnan(va) or math.isnan(vb):
             return ""
-        a, b = self.linear, self.poly
         if self.better == "closer_to_zero":
-            a, b = -abs(a), -abs(b)
+            va, vb = -abs(va), -abs(vb)
         elif self.better == "lower":
-            a, b = -a, -b
-        if math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-6):
+            va, vb = -va, -vb
+        if math.isclose(va, vb, rel_tol=1e-3, abs_tol=1e-6):
             return "tie"
-        return "poly" if b > a else "linear"
+        return b if vb > va else a
 
 
 def _get(d: dict[str, Any] | None, *path: str) -> float | None:
@@ -52,10 +57,11 @@ def _get(d: dict[str, Any] | None, *path: str) -> float | None:
 
 def summary_rows(results: dict[str, Any]) -> list[Row]:
     """The side-by-side rows of a study's results."""
-    lin, poly = results["saes"]["linear"], results["saes"]["poly"]
+    saes = results["saes"]
+    lin = saes["linear"]
 
     def row(metric: str, better: Better, *path: str) -> Row:
-        return Row(metric, _get(lin, *path), _get(poly, *path), better)
+        return Row(metric, {name: _get(sae, *path) for name, sae in saes.items()}, better)
 
     rows = [
         row("MSE (held out)", "lower", "mse"),
@@ -104,20 +110,23 @@ def _fmt(value: float | None) -> str:
         return "nan"
     if value == int(value) and abs(value) >= 1:
         return f"{int(value)}"
+    if value != 0 and abs(value) < 1e-3:
+        return f"{value:.2e}"
     return f"{value:.4f}"
 
 
 def format_table(rows: list[Row]) -> str:
-    """A Markdown table (also readable as plain text)."""
+    """A Markdown table (also readable as plain text); ``better`` compares the
+    PolySAE with the linear SAE."""
     width = max(len(r.metric) for r in rows)
-    lines = [
-        f"| {'metric':<{width}} | {'linear TopK':>11} | {'PolySAE':>10} | better |",
-        f"|{'-' * (width + 2)}|{'-' * 13}:|{'-' * 11}:|--------|",
-    ]
+    names = [name for name in SAE_LABELS if name in rows[0].values]
+    cols = [max(len(SAE_LABELS[n]), 10) for n in names]
+    header = "".join(f" {SAE_LABELS[n]:>{c}} |" for n, c in zip(names, cols, strict=True))
+    rule = "".join(f"{'-' * (c + 1)}:|" for c in cols)
+    lines = [f"| {'metric':<{width}} |{header} better |", f"|{'-' * (width + 2)}|{rule}--------|"]
     for r in rows:
-        lines.append(
-            f"| {r.metric:<{width}} | {_fmt(r.linear):>11} | {_fmt(r.poly):>10} | {r.winner():<6} |"
-        )
+        cells = "".join(f" {_fmt(r.values[n]):>{c}} |" for n, c in zip(names, cols, strict=True))
+        lines.append(f"| {r.metric:<{width}} |{cells} {r.winner():<6} |")
     return "\n".join(lines)
 
 
@@ -141,7 +150,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     lines = [
         "# PolySAE vs a linear TopK SAE on compositional ground truth",
         "",
-        "Both SAEs were trained by SAELens's trainer with the same width "
+        "All SAEs were trained by SAELens's trainer with the same width "
         f"(d_sae {cfg['d_sae']}), k ({cfg['k']}), learning rate ({cfg['lr']}), "
         f"batch ({cfg['batch_size']}) and samples ({cfg['training_samples']:,}), seed "
         f"{cfg['seed']}. Data: {gcfg['num_atoms']} atoms in d_in {gcfg['d_in']} "
@@ -153,8 +162,10 @@ def markdown_report(results: dict[str, Any]) -> str:
         "",
         format_table(rows),
         "",
-        "`better` names the SAE with the better value (`tie` within 0.1%); blank "
-        "rows are descriptive or apply to one SAE only.",
+        "`better` compares PolySAE with the linear TopK SAE (`tie` within 0.1%); "
+        "blank rows are descriptive or apply to one SAE only. PolySAE order 1 is an "
+        "ablation: the same U @ C1 parametrisation, initialisation and Stiefel "
+        "retraction, without the quadratic and cubic terms.",
         "",
         "## Where PolySAE does not win",
         "",
@@ -163,6 +174,18 @@ def markdown_report(results: dict[str, Any]) -> str:
         lines += [f"- {m}" for m in losses]
     else:
         lines.append("- PolySAE is better on every comparable metric in this run.")
+    if "poly_order1" in results["saes"]:
+        gains = [r.metric for r in rows if r.winner("poly_order1", "poly") == "poly"]
+        other = [r.metric for r in rows if r.winner("poly_order1", "poly") == "poly_order1"]
+        ties = [r.metric for r in rows if r.winner("poly_order1", "poly") == "tie"]
+        lines += [
+            "",
+            "## What the polynomial terms add (PolySAE vs its order-1 ablation)",
+            "",
+            "- better with the polynomial terms: " + (", ".join(gains) or "none"),
+            "- better without them: " + (", ".join(other) or "none"),
+            "- tied: " + (", ".join(ties) or "none"),
+        ]
     lines += [
         "",
         "## Interactions and co-occurrence",
@@ -186,7 +209,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         "",
         "Share of the reconstruction's energy (sum of squares over a batch) by term, "
         "PolySAE at the end of training: "
-        + ", ".join(f"{k} {100 * v:.2f}%" for k, v in poly.get("term_shares", {}).items())
+        + ", ".join(f"{k} {_fmt(v)}" for k, v in poly.get("term_shares", {}).items())
         + f". U orthogonality error: {poly.get('orthogonality_error', float('nan')):.1e}.",
         "",
         f"![decoder term shares]({PLOT_FILES['terms']})",
@@ -257,10 +280,12 @@ def _plot_terms(results: dict[str, Any], axes: Any) -> None:
     axes[0].set_ylabel("share of reconstruction energy")
     axes[0].set_title("PolySAE decoder terms over training")
     axes[0].legend()
-    for name in ("linear", "poly"):
-        c = results["curves"][name]
+    for name, c in results["curves"].items():
         axes[1].plot(
-            [p["samples"] for p in c], [p["explained_variance"] for p in c], marker="o", label=name
+            [p["samples"] for p in c],
+            [p["explained_variance"] for p in c],
+            marker="o",
+            label=SAE_LABELS.get(name, name),
         )
     axes[1].set_xlabel("training samples")
     axes[1].set_ylabel("explained variance (held out)")

@@ -1,6 +1,8 @@
 """The compositional ground-truth study behind ``polysae-lens demo``.
 
-A stock SAELens ``TopKTrainingSAE`` ("linear") and a PolySAE ("poly") with the
+A stock SAELens ``TopKTrainingSAE`` ("linear"), a PolySAE ("poly") and, as an
+ablation, a PolySAE of order 1 ("poly_order1": the same ``U @ C1``
+parametrisation, initialisation and retraction, no interaction terms) with the
 same width, k, learning rate and token budget are trained by SAELens's own
 trainer (``sae_lens.synthetic.train_toy_sae``) on the synthetic activations of
 :mod:`polysae_lens.groundtruth`, then scored against the planted ground truth.
@@ -57,7 +59,7 @@ from polysae_lens.stiefel import orthogonality_error
 
 logger = logging.getLogger(__name__)
 
-SAE_NAMES = ("linear", "poly")
+SAE_NAMES = ("linear", "poly", "poly_order1")
 TERM_NAMES = ("linear", "quadratic", "cubic")
 
 
@@ -136,7 +138,7 @@ class StudyConfig:
 
 
 def build_saes(cfg: StudyConfig) -> dict[str, TrainingSAE[Any]]:
-    """The two SAEs, initialised from the same seed."""
+    """The SAEs of :data:`SAE_NAMES`, each initialised from the same seed."""
     d_in = cfg.ground_truth.d_in
     torch.manual_seed(cfg.seed)
     linear = TopKTrainingSAE(
@@ -144,11 +146,13 @@ def build_saes(cfg: StudyConfig) -> dict[str, TrainingSAE[Any]]:
             d_in=d_in, d_sae=cfg.d_sae, k=cfg.k, rescale_acts_by_decoder_norm=False
         )
     )
-    torch.manual_seed(cfg.seed)
-    poly = PolyTopKTrainingSAE(
-        PolyTopKTrainingSAEConfig(d_in=d_in, d_sae=cfg.d_sae, k=cfg.k, poly_order=cfg.poly_order)
-    )
-    return {"linear": linear, "poly": poly}
+    saes: dict[str, TrainingSAE[Any]] = {"linear": linear}
+    for name, order in (("poly", cfg.poly_order), ("poly_order1", 1)):
+        torch.manual_seed(cfg.seed)
+        saes[name] = PolyTopKTrainingSAE(
+            PolyTopKTrainingSAEConfig(d_in=d_in, d_sae=cfg.d_sae, k=cfg.k, poly_order=order)
+        )
+    return saes
 
 
 # ---- metrics -------------------------------------------------------------------
