@@ -31,7 +31,7 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests benchmarks examples
 
 demo: install
-	$(PY) examples/train_synthetic.py
+	$(PY) -m polysae_lens demo --out demo-out
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-out

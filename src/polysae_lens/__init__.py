@@ -6,6 +6,21 @@ Importing this package registers the PolySAE architectures ``"poly"`` (TopK),
 import-time side effect.
 """
 
+from polysae_lens.analysis import (
+    CooccurrenceStats,
+    Correlation,
+    InteractingPairs,
+    cooccurrence_stats,
+    covariance_vs_cooccurrence,
+    generate_steered,
+    interaction_direction,
+    interaction_strength,
+    interaction_vs_cooccurrence,
+    steering_vector,
+    top_interacting_pairs,
+    top_partners,
+    triple_direction,
+)
 from polysae_lens.config import (
     PolyBatchTopKTrainingSAEConfig,
     PolyDecoderFields,
@@ -21,6 +36,12 @@ from polysae_lens.convert import (
     convert_fork_checkpoint,
     fork_disk_loader,
     fork_huggingface_loader,
+)
+from polysae_lens.interaction_view import (
+    InteractionView,
+    interaction_view_data,
+    render_interaction_view,
+    write_interaction_view,
 )
 from polysae_lens.polynomial import (
     DecoderTerms,
@@ -49,7 +70,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCHITECTURES",
+    "CooccurrenceStats",
+    "Correlation",
     "DecoderTerms",
+    "InteractingPairs",
+    "InteractionView",
     "PolyBatchTopKTrainingSAE",
     "PolyBatchTopKTrainingSAEConfig",
     "PolyDecoderFields",
@@ -71,13 +96,26 @@ __all__ = [
     "PolyTopKTrainingSAEConfig",
     "attach_stiefel_retraction",
     "convert_fork_checkpoint",
+    "cooccurrence_stats",
+    "covariance_vs_cooccurrence",
     "decoder_terms",
     "fork_disk_loader",
     "fork_huggingface_loader",
+    "generate_steered",
+    "interaction_direction",
+    "interaction_strength",
+    "interaction_view_data",
+    "interaction_vs_cooccurrence",
     "is_poly_sae",
     "orthogonality_error",
     "poly_decode",
     "poly_decode_reference",
     "qr_retract",
     "register_architectures",
+    "render_interaction_view",
+    "steering_vector",
+    "top_interacting_pairs",
+    "top_partners",
+    "triple_direction",
+    "write_interaction_view",
 ]

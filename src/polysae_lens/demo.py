@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Train a linear TopK SAE and a PolySAE on synthetic activations with planted "
-        "compositional ground truth and compare them (about 5 minutes on 2 CPU cores; "
+        "compositional ground truth and compare them (about 4 minutes on 2 idle CPU cores; "
         "--quick: well under a minute)."
     )
     parser.add_argument("--out", default="polysae-demo", help="output directory (created)")
@@ -37,7 +37,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--training-samples",
         type=int,
         default=None,
-        help="activation vectors per SAE (default 2,000,000; 150,000 with --quick)",
+        help="activation vectors per SAE (default 4,000,000; 150,000 with --quick)",
     )
     parser.add_argument(
         "--threads",

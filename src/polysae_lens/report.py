@@ -108,7 +108,7 @@ def _fmt(value: float | None) -> str:
         return "n/a"
     if math.isnan(value):
         return "nan"
-    if value == int(value) and abs(value) >= 1:
+    if value == int(value) and (abs(value) >= 1 or value == 0):
         return f"{int(value)}"
     if value != 0 and abs(value) < 1e-3:
         return f"{value:.2e}"

@@ -73,7 +73,7 @@ class StudyConfig:
     """Width of both SAEs."""
     k: int = 5
     """Active latents per sample of both SAEs (about the data's mean L0)."""
-    training_samples: int = 2_000_000
+    training_samples: int = 4_000_000
     """Activation vectors each SAE is trained on."""
     batch_size: int = 1024
     """Training batch size of both SAEs."""
@@ -329,7 +329,7 @@ def _snapshot_fn(name: str, curve: list[Snapshot], x_BD: Tensor) -> Callable[[An
             "term_shares": term_shares(sae, x_BD),
         }
         curve.append(point)
-        logger.info("%s at %d samples: %s", name, point["samples"], point)
+        logger.debug("%s at %d samples: %s", name, point["samples"], point)
 
     return record
 
@@ -421,10 +421,12 @@ def run_study(cfg: StudyConfig | None = None) -> dict[str, Any]:
         "runtime_seconds": {},
     }
     for name, sae in saes.items():
+        logger.info("training %s (%d samples)", name, cfg.training_samples)
         t0 = time.perf_counter()
         results["curves"][name] = train_sae(sae, gt, cfg, name, curve_x)
         results["runtime_seconds"][f"train_{name}"] = time.perf_counter() - t0
         results["saes"][name] = evaluate_sae(sae, gt, cfg, x_eval)
+    logger.info("probing %d composition tasks", cfg.probe_tasks)
     torch.manual_seed(cfg.seed + 4)
     for name, row in probing(saes, gt, cfg).items():
         results["saes"][name]["probing"] = row
