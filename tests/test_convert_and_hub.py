@@ -1,7 +1,10 @@
-"""from_pretrained from a local HuggingFace cache, and research-fork checkpoints."""
+"""from_pretrained from a local HuggingFace cache, SAELens's upload_saes_to_huggingface
+with the hub mocked, and research-fork checkpoints."""
 
 from __future__ import annotations
 
+import fnmatch
+import io
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +15,7 @@ import pytest
 import torch
 from sae_lens import SAE, TrainingSAE
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
+from sae_lens.training import upload_saes_to_huggingface as uploader
 from safetensors.torch import load_file, save_file
 
 import polysae_lens
@@ -60,6 +64,136 @@ def test_from_pretrained_loads_a_polysae_from_the_hub_cache(
     assert cfg["poly_ranks"] == list(sae.cfg.poly_ranks)
     assert log_sparsity is not None and torch.equal(log_sparsity, sparsity)
     assert_same_outputs(sae, loaded, activations())
+
+
+def hub_error(cls: type[Exception], message: str) -> Exception:
+    """An instance of a huggingface_hub error class, whose constructor signature
+    differs between huggingface_hub versions (some require an HTTP response)."""
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    return error
+
+
+class FakeHub:
+    """Stands in for the huggingface_hub calls of SAELens's uploader, offline.
+
+    Uploads land in a local hub cache laid out as huggingface_hub's (see
+    :func:`add_to_cache`), so ``SAE.from_pretrained`` reads them back.
+    """
+
+    def __init__(self, cache: Path) -> None:
+        self.cache = cache
+        self.repos: set[str] = set()
+        self.created: list[str] = []
+        self.files: dict[str, set[str]] = {}  # path_in_repo -> uploaded file names
+        self.readme: dict[str, str] = {}
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(uploader, "HfApi", lambda: self)
+        monkeypatch.setattr(uploader, "create_repo", self.create_repo)
+        monkeypatch.setattr(uploader, "hf_hub_url", self.hf_hub_url)
+        monkeypatch.setattr(uploader, "get_hf_file_metadata", self.get_hf_file_metadata)
+
+    def snapshot(self, repo_id: str) -> Path:
+        repo_dir = self.cache / f"models--{repo_id.replace('/', '--')}"
+        (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+        (repo_dir / "refs" / "main").write_text(COMMIT)
+        return repo_dir / "snapshots" / COMMIT
+
+    def create_repo(self, repo_id: str, **_: Any) -> None:
+        self.created.append(repo_id)
+        self.repos.add(repo_id)
+
+    def repo_info(self, repo_id: str, **_: Any) -> dict[str, str]:
+        if repo_id not in self.repos:
+            raise hub_error(uploader.RepositoryNotFoundError, f"no repo {repo_id}")
+        return {"id": repo_id}
+
+    def hf_hub_url(self, repo_id: str, filename: str, revision: str = "main", **_: Any) -> str:
+        return f"{repo_id}@{revision}:{filename}"
+
+    def get_hf_file_metadata(self, url: str, **_: Any) -> dict[str, str]:
+        repo_id, filename = url.split("@")[0], url.split(":")[-1]
+        if not (self.snapshot(repo_id) / filename).exists():
+            raise hub_error(uploader.EntryNotFoundError, f"no file {url}")
+        return {"url": url}
+
+    def upload_folder(
+        self,
+        *,
+        folder_path: Path,
+        path_in_repo: str,
+        repo_id: str,
+        allow_patterns: list[str],
+        repo_type: str,
+        **_: Any,
+    ) -> None:
+        assert repo_id in self.repos and repo_type == "model"
+        target = self.snapshot(repo_id) / path_in_repo
+        target.mkdir(parents=True, exist_ok=True)
+        for file in Path(folder_path).iterdir():
+            if any(fnmatch.fnmatch(file.name, pattern) for pattern in allow_patterns):
+                shutil.copy(file, target / file.name)
+                self.files.setdefault(path_in_repo, set()).add(file.name)
+
+    def upload_file(
+        self, *, path_or_fileobj: io.BytesIO, path_in_repo: str, repo_id: str, **_: Any
+    ) -> None:
+        text = path_or_fileobj.read().decode("utf-8")
+        (self.snapshot(repo_id) / path_in_repo).write_text(text)
+        self.readme[repo_id] = text
+
+
+def test_upload_saes_to_huggingface_round_trips_polysaes(
+    arch: str, hf_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = FakeHub(hf_cache)
+    hub.install(monkeypatch)
+    trained = make_training_sae(arch)
+    trained.save_inference_model(tmp_path / "saved")
+    inference = SAE.load_from_disk(tmp_path / "saved")
+    sparsity = torch.linspace(-4, -1, D_SAE)
+    save_file({"sparsity": sparsity}, tmp_path / "saved" / SPARSITY_FILENAME)
+    (tmp_path / "saved" / "notes.txt").write_text("not uploaded")
+
+    uploader.upload_saes_to_huggingface(
+        {
+            "blocks.0.hook_resid_post": inference,  # an SAE object: saved by the uploader
+            "from_folder": tmp_path / "saved",  # a folder, with its sparsity file
+            "training": trained,  # a training SAE object: its training checkpoint
+        },
+        hf_repo_id=REPO,
+        show_progress=False,
+    )
+
+    assert hub.created == [REPO]
+    model_files = {SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME}
+    assert hub.files == {
+        "blocks.0.hook_resid_post": model_files,
+        "from_folder": model_files | {SPARSITY_FILENAME},
+        "training": model_files,
+    }
+    assert f'SAE.from_pretrained("{REPO}", "<sae_id>")' in hub.readme[REPO]
+
+    loaded, cfg, log_sparsity = SAE.from_pretrained_with_cfg_and_sparsity(
+        REPO, "blocks.0.hook_resid_post"
+    )
+    assert polysae_lens.is_poly_sae(loaded)
+    assert cfg["architecture"] == inference.cfg.architecture()
+    assert log_sparsity is None
+    assert_same_outputs(inference, loaded, activations())
+
+    loaded, cfg, log_sparsity = SAE.from_pretrained_with_cfg_and_sparsity(REPO, "from_folder")
+    assert cfg["poly_ranks"] == list(trained.cfg.poly_ranks)
+    assert log_sparsity is not None and torch.equal(log_sparsity, sparsity)
+    assert_same_outputs(inference, loaded, activations())
+
+    assert_same_outputs(inference, SAE.from_pretrained(REPO, "training"), activations())
+    as_training = TrainingSAE.load_from_disk(
+        hf_cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT / "training"
+    )
+    assert type(as_training) is type(trained)
+    assert_same_outputs(trained, as_training, activations())
 
 
 def write_fork_checkpoint(sae: Any, path: Path, **cfg_changes: Any) -> None:
