@@ -33,6 +33,7 @@ V vocabulary, K kept examples.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import json
@@ -40,6 +41,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -600,242 +602,11 @@ def interaction_view_data(
 # Render step
 # ---------------------------------------------------------------------------
 
-_CSS = """
-:root { --latent: 255, 140, 0; --partner: 40, 110, 255; --ink: #1d232b; --muted: #5c6773;
-        --line: #d9dee4; --soft: #f4f6f8; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
-       color: var(--ink); background: #fff; }
-header { padding: 16px 24px 12px; border-bottom: 1px solid var(--line); background: var(--soft); }
-h1 { font-size: 20px; margin: 0 0 4px; }
-.meta, .note { color: var(--muted); margin: 2px 0; }
-nav { margin-top: 8px; }
-nav a { display: inline-block; margin: 2px 6px 2px 0; padding: 1px 8px; border-radius: 10px;
-        background: #fff; border: 1px solid var(--line); color: var(--ink); text-decoration: none; }
-main { padding: 8px 24px 32px; max-width: 1100px; }
-a { color: #0b5cad; }
-section.latent { margin-top: 20px; }
-h2 { font-size: 17px; margin: 0 0 2px; }
-table { border-collapse: collapse; }
-table.partners { min-width: 620px; margin-top: 6px; }
-table.partners th, table.partners td { text-align: left; padding: 4px 14px 4px 8px;
-                                       border-bottom: 1px solid var(--line); }
-table.partners th { font-weight: 600; color: var(--muted); font-size: 12px; }
-td.num { font-variant-numeric: tabular-nums; }
-.bar { display: inline-block; height: 8px; border-radius: 4px; margin-left: 8px;
-       background: rgb(var(--partner)); vertical-align: middle; opacity: 0.7; }
-button.toggle { font: inherit; font-size: 12px; padding: 1px 8px; cursor: pointer;
-                border: 1px solid var(--line); border-radius: 4px; background: #fff; }
-button.toggle[aria-expanded="true"] { background: var(--soft); }
-tr.details-row > td { background: #fbfcfd; padding: 8px 12px 14px; }
-.logit-tables { display: flex; gap: 24px; flex-wrap: wrap; }
-table.logits td, table.logits th { padding: 1px 8px; font-size: 13px; }
-table.logits th { color: var(--muted); font-weight: 600; text-align: left; }
-table.logits td.num { text-align: right; }
-.pos { color: #1a7f37; } .neg { color: #b42318; }
-code.tok { white-space: pre; background: var(--soft); border: 1px solid var(--line);
-           border-radius: 3px; padding: 0 3px; font: 12.5px ui-monospace, Menlo, Consolas, monospace; }
-h3 { font-size: 13px; margin: 10px 0 4px; color: var(--muted); font-weight: 600; }
-.example { margin: 4px 0 8px; }
-.example .where { font-size: 12px; color: var(--muted); }
-.snippet { font: 13px/1.2 ui-monospace, Menlo, Consolas, monospace; }
-.snippet span { display: inline-block; white-space: pre; padding: 2px 0 6px; margin: 2px 0; }
-.snippet span.hit { outline: 2px solid var(--ink); outline-offset: -1px; }
-.legend span { display: inline-block; width: 12px; height: 12px; border-radius: 2px;
-               vertical-align: -2px; margin: 0 4px 0 10px; }
-.empty { color: var(--muted); font-style: italic; }
-"""
 
-_JS = """
-(function () {
-  "use strict";
-  var data = JSON.parse(document.getElementById("view-data").textContent);
-  var chosen = {};
-  data.latents.forEach(function (lv) { chosen[lv.latent] = true; });
-
-  function el(tag, cls, text) {
-    var node = document.createElement(tag);
-    if (cls) { node.className = cls; }
-    if (text !== undefined && text !== null) { node.textContent = String(text); }
-    return node;
-  }
-  function add(parent) {
-    for (var i = 1; i < arguments.length; i++) { parent.appendChild(arguments[i]); }
-    return parent;
-  }
-  function fmt(x) {
-    if (x === null || x === undefined) { return "\\u2013"; }
-    var a = Math.abs(x);
-    if (a === 0) { return "0"; }
-    return a >= 1000 || a < 0.001 ? x.toExponential(2) : x.toPrecision(3);
-  }
-  function shown(token) {
-    var t = token.replace(/\\n/g, "\\u21b5").replace(/\\t/g, "\\u2192")
-      .replace(/[\\u0000-\\u001f\\u007f-\\u009f]/g, function (c) {
-        return "\\\\x" + ("0" + c.charCodeAt(0).toString(16)).slice(-2);
-      });
-    return t === "" ? "\\u2205" : t;
-  }
-  function latentLink(id) {
-    if (chosen[id]) {
-      var a = el("a", null, "#" + id);
-      a.href = "#latent-" + id;
-      return a;
-    }
-    return el("span", null, "#" + id);
-  }
-
-  function logitTable(caption, rows, cls) {
-    var table = el("table", "logits");
-    add(table, add(el("tr"), el("th", null, caption), el("th", null, "logit")));
-    rows.forEach(function (r) {
-      var code = el("code", "tok", shown(r.token));
-      code.title = "token id " + r.token_id;
-      add(table, add(el("tr"), add(el("td"), code), el("td", "num " + cls, fmt(r.logit))));
-    });
-    return table;
-  }
-
-  function shade(act, max, rgbVar) {
-    var alpha = act > 0 && max > 0 ? 0.2 + 0.8 * Math.min(1, act / max) : 0;
-    return "rgba(var(" + rgbVar + "), " + alpha.toFixed(3) + ")";
-  }
-
-  function exampleNode(lv, pv, ex, maxI, maxJ) {
-    var box = el("div", "example");
-    add(box, el("div", "where",
-      "sequence " + ex.seq_index + ", position " + ex.position +
-      ":  z" + lv.latent + " \\u00b7 z" + pv.partner + " = " + fmt(ex.score)));
-    var snippet = el("div", "snippet");
-    ex.tokens.forEach(function (token, k) {
-      var span = el("span", k === ex.position - ex.window_start ? "hit" : null, shown(token));
-      span.style.setProperty("background-color", shade(ex.acts_latent[k], maxI, "--latent"));
-      span.style.setProperty("box-shadow",
-        "inset 0 -5px 0 " + shade(ex.acts_partner[k], maxJ, "--partner"));
-      span.title = JSON.stringify(token) + "  z" + lv.latent + " = " + fmt(ex.acts_latent[k]) +
-        "  z" + pv.partner + " = " + fmt(ex.acts_partner[k]);
-      snippet.appendChild(span);
-    });
-    return add(box, snippet);
-  }
-
-  function details(lv, pv) {
-    var box = el("div", "details");
-    add(box, el("h3", null, "Direct logit effect of the interaction direction v(" +
-      lv.latent + ", " + pv.partner + ")"));
-    if (pv.top_logits === null) {
-      add(box, el("p", "empty", data.logits_note));
-    } else {
-      add(box, add(el("div", "logit-tables"),
-        logitTable("promoted", pv.top_logits, "pos"),
-        logitTable("suppressed", pv.bottom_logits, "neg")));
-    }
-    var head = add(el("h3", null, "Top examples where both fire"), el("span", "legend"));
-    var legend = head.lastChild;
-    var keyI = el("span"); keyI.style.setProperty("background", "rgba(var(--latent), 0.8)");
-    var keyJ = el("span"); keyJ.style.setProperty("background", "rgba(var(--partner), 0.8)");
-    add(legend, keyI, document.createTextNode("#" + lv.latent + " (background)"),
-        keyJ, document.createTextNode("#" + pv.partner + " (underline)"));
-    add(box, head);
-    if (pv.examples.length === 0) {
-      add(box, el("p", "empty", data.n_tokens === 0 ? "No tokens were scanned." :
-        "The two latents never fire together in the scanned tokens."));
-    }
-    var maxI = 0, maxJ = 0;
-    pv.examples.forEach(function (ex) {
-      maxI = Math.max(maxI, Math.max.apply(null, ex.acts_latent));
-      maxJ = Math.max(maxJ, Math.max.apply(null, ex.acts_partner));
-    });
-    pv.examples.forEach(function (ex) { add(box, exampleNode(lv, pv, ex, maxI, maxJ)); });
-    return box;
-  }
-
-  function partnerRows(table, lv, pv, rank, maxStrength) {
-    var row = el("tr", "partner-row");
-    row.setAttribute("data-partner", String(pv.partner));
-    var bar = el("span", "bar");
-    bar.style.setProperty("width", Math.round(120 * pv.strength / maxStrength) + "px");
-    var button = el("button", "toggle", "show");
-    button.type = "button";
-    button.setAttribute("aria-expanded", "false");
-    add(row, el("td", "num", rank), add(el("td"), latentLink(pv.partner)),
-        add(el("td", "num", fmt(pv.strength)), bar), el("td", "num", pv.n_cofire),
-        add(el("td"), button));
-    var more = el("tr", "details-row");
-    more.hidden = true;
-    var cell = el("td");
-    cell.colSpan = 5;
-    add(more, cell);
-    button.addEventListener("click", function () {
-      var open = more.hidden;
-      if (open && !cell.firstChild) { cell.appendChild(details(lv, pv)); }
-      more.hidden = !open;
-      button.setAttribute("aria-expanded", String(open));
-      button.textContent = open ? "hide" : "show";
-    });
-    add(table, row, more);
-    return button;
-  }
-
-  var nav = document.getElementById("latent-nav");
-  var main = document.getElementById("latents");
-  var firstButton = null;
-  data.latents.forEach(function (lv) {
-    var link = el("a", null, "#" + lv.latent);
-    link.href = "#latent-" + lv.latent;
-    nav.appendChild(link);
-    var section = el("section", "latent");
-    section.id = "latent-" + lv.latent;
-    section.setAttribute("data-latent", String(lv.latent));
-    add(section, el("h2", null, "Latent " + lv.latent),
-        el("p", "meta", "fires at " + lv.n_fire + " of " + data.n_tokens + " scanned tokens"));
-    if (lv.partners.length === 0) {
-      add(section, el("p", "empty", "No partners."));
-    } else {
-      var table = el("table", "partners");
-      add(table, add(el("tr"), el("th", null, "rank"), el("th", null, "partner"),
-        el("th", null, "strength \\u2016v\\u2016"), el("th", null, "co-fires"), el("th")));
-      var maxStrength = Math.max.apply(null, lv.partners.map(function (p) { return p.strength; }));
-      lv.partners.forEach(function (pv, k) {
-        var b = partnerRows(table, lv, pv, k + 1, maxStrength || 1);
-        if (firstButton === null) { firstButton = b; }
-      });
-      add(section, table);
-    }
-    main.appendChild(section);
-  });
-  if (firstButton !== null) { firstButton.click(); }
-  document.body.setAttribute("data-rendered", "true");
-})();
-"""
-
-_HTML = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="__CSP__">
-<title>__TITLE__</title>
-<link rel="icon" href="data:,">
-<style>__CSS__</style>
-</head>
-<body>
-<header>
-<h1>__TITLE__</h1>
-<p class="meta">__META__</p>
-<p class="note">Strength is the norm of the interaction direction v_ij = d²x̂/dz_i dz_j of the
-PolySAE decoder: what latents i and j add together, per unit of z_i z_j, beyond their own
-directions. Examples are the scanned positions where both latents fire, ranked by z_i z_j.</p>
-<p class="note">__LOGITS_NOTE__</p>
-<nav id="latent-nav" aria-label="latents"></nav>
-</header>
-<main id="latents"></main>
-<noscript><p>This page builds its tables with JavaScript; enable it to see them.</p></noscript>
-<script type="application/json" id="view-data">__DATA__</script>
-<script>__JS__</script>
-</body>
-</html>
-"""
+@functools.cache
+def _asset(name: str) -> str:
+    """A file of the page template (``assets/interaction_view.{css,js,html}``)."""
+    return resources.files("polysae_lens").joinpath("assets", name).read_text(encoding="utf-8")
 
 
 def _round_floats(value: Any, digits: int) -> Any:
@@ -879,9 +650,10 @@ def render_interaction_view(view: InteractionView, digits: int = 4) -> str:
         f"{view.n_tokens} tokens scanned in {view.n_sequences} sequences",
         f"{len(view.latents)} latents shown",
     ]
+    css, js = _asset("interaction_view.css"), _asset("interaction_view.js")
     csp = (
         "default-src 'none'; img-src data:; "
-        f"style-src {_csp_hash(_CSS)}; script-src {_csp_hash(_JS)}; "
+        f"style-src {_csp_hash(css)}; script-src {_csp_hash(js)}; "
         "base-uri 'none'; form-action 'none'"
     )
     fills = {
@@ -889,11 +661,11 @@ def render_interaction_view(view: InteractionView, digits: int = 4) -> str:
         "__TITLE__": html.escape(view.title),
         "__META__": html.escape(" · ".join(p for p in meta_parts if p)),
         "__LOGITS_NOTE__": html.escape(view.logits_note),
-        "__CSS__": _CSS,
-        "__JS__": _JS,
+        "__CSS__": css,
+        "__JS__": js,
         "__DATA__": _json_for_script(_round_floats(view.to_dict(), digits)),
     }
-    page = _HTML
+    page = _asset("interaction_view.html")
     for marker in ("__CSP__", "__TITLE__", "__META__", "__LOGITS_NOTE__", "__CSS__", "__JS__"):
         page = page.replace(marker, fills[marker])
     # Data last: its text is never searched for markers.
