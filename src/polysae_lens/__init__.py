@@ -37,6 +37,11 @@ from polysae_lens.convert import (
     fork_disk_loader,
     fork_huggingface_loader,
 )
+from polysae_lens.dashboard import (
+    to_dashboard_sae,
+    write_feature_dashboard,
+    write_neuronpedia_json,
+)
 from polysae_lens.interaction_view import (
     InteractionView,
     interaction_view_data,
@@ -114,8 +119,11 @@ __all__ = [
     "register_architectures",
     "render_interaction_view",
     "steering_vector",
+    "to_dashboard_sae",
     "top_interacting_pairs",
     "top_partners",
     "triple_direction",
+    "write_feature_dashboard",
     "write_interaction_view",
+    "write_neuronpedia_json",
 ]
