@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 SAE_NAMES = ("linear", "poly", "poly_order1")
 TERM_NAMES = ("linear", "quadratic", "cubic")
+PAIR_CHUNK = 1 << 16
+"""Latent pairs whose interaction directions are compared at once."""
 
 
 @dataclass(frozen=True)
@@ -219,8 +221,12 @@ def interaction_recovery(sae: TrainingSAE[Any], gt: GroundTruth, live_F: Tensor)
         return out
     live = live_F.nonzero().squeeze(1)
     i, j = torch.triu_indices(live.numel(), live.numel(), offset=1)
-    v_QD = analysis.interaction_direction(sae, live[i], live[j])
-    _, best_cos = best_match(v_QD, w_PD)
+    # In chunks of pairs: all pairs of a wide SAE would not fit in memory at once.
+    best_cos = torch.zeros(w_PD.shape[0])
+    for start in range(0, i.numel(), PAIR_CHUNK):
+        stop = start + PAIR_CHUNK
+        v_QD = analysis.interaction_direction(sae, live[i[start:stop]], live[j[start:stop]])
+        best_cos = torch.maximum(best_cos, best_match(v_QD, w_PD)[1])
     out["interaction_best_cosine"] = float(best_cos.mean())
 
     atom_latent_N, _ = best_match(W_dec, gt.atom_directions_ND)
