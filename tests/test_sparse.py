@@ -8,17 +8,24 @@ import pytest
 import torch
 from sae_lens.saes.batchtopk_sae import BatchTopK
 from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.topk_sae import TopK
 
+import polysae_lens
 from polysae_lens.sparse import (
     code_from_dense,
     code_from_rows,
+    code_if_sparse,
     gather_preacts,
+    latent_major,
     project_sparse,
     select_batch_topk,
     select_topk,
+    topk_activation,
+    topk_indices,
+    transposed_product,
 )
 
-from .conftest import D_IN, D_SAE, make_training_sae
+from .conftest import D_IN, D_SAE, make_training_sae, randomize_
 
 TOPK_STYLE = ["poly", "poly_batchtopk", "poly_matryoshka"]
 
@@ -35,7 +42,7 @@ def test_gather_preacts_matches_dense_values_and_gradients() -> None:
         hidden = x @ W + b
     rows, cols = select_topk(hidden, 3)
     code = code_from_rows(cols.view(6, 3), torch.empty(6, 3), 9)
-    sparse = gather_preacts(x, W, b, hidden, rows, cols, code.offsets_B)
+    sparse = gather_preacts(x, W, b, hidden, code)
     dense = (x @ W + b)[rows, cols]
     torch.testing.assert_close(sparse, dense)
     upstream = _rand(*sparse.shape, seed=3)
@@ -142,3 +149,151 @@ def test_sparse_step_under_bf16_autocast_matches_dense_step() -> None:
         assert grads_s[name].dtype == grad.dtype == torch.float32
         cos = torch.nn.functional.cosine_similarity(grads_s[name].flatten(), grad.flatten(), dim=0)
         assert cos > 0.99, name
+
+
+# ---- the kernels of the fast training step ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "k"), [(9, 256, 4), (5, 640, 16), (7, 48, 4), (3, 100, 5)]
+)
+def test_topk_indices_selects_torch_topks_set(rows: int, cols: int, k: int) -> None:
+    # (256, 4) and (640, 16) take the grouped two-stage path; the others fall back
+    x = _rand(rows, cols, seed=11).float()
+    expected = x.topk(k, dim=-1).indices.sort(-1).values
+    assert torch.equal(topk_indices(x, k).sort(-1).values, expected)
+    _, sel_cols = select_topk(x, k)
+    assert torch.equal(sel_cols.view(rows, k), expected)
+
+
+def test_topk_indices_keeps_topks_values_with_ties_and_masked_entries() -> None:
+    x = torch.randint(0, 6, (16, 512), generator=torch.Generator().manual_seed(3)).float()
+    x[:, ::3] = -torch.inf  # AuxK masks live latents with -inf
+    for k in (8, 24):
+        picked = x.gather(1, topk_indices(x, k)).sort(-1).values
+        assert torch.equal(picked, x.topk(k, dim=-1).values.sort(-1).values)
+        assert all(len(set(row.tolist())) == k for row in topk_indices(x, k))
+
+
+def test_topk_activation_matches_saelens_topk_values_and_gradients() -> None:
+    x = _rand(6, 3, 320, seed=12).requires_grad_()
+    ours = topk_activation(x, 8)
+    theirs = TopK(8)(x)
+    torch.testing.assert_close(ours, theirs)
+    upstream = _rand(6, 3, 320, seed=13)
+    (g_ours,) = torch.autograd.grad((ours * upstream).sum(), x)
+    (g_theirs,) = torch.autograd.grad((theirs * upstream).sum(), x)
+    torch.testing.assert_close(g_ours, g_theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_transposed_product_is_codeT_times_x(dtype: torch.dtype) -> None:
+    z = torch.relu(_rand(10, 40, seed=14) - 1.0)
+    z[4] = 0.0
+    code = code_from_dense(z)
+    X = _rand(10, 6, seed=15).to(dtype)
+    by_latent = latent_major(code.rows_N, code.cols_N, code.d_sae)
+    got = transposed_product(by_latent, code.vals_N, X)
+    assert got.dtype == dtype
+    expected = (z.T @ X.double()).to(dtype)
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(got, expected, **tol)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("prebuilt", [False, True])
+def test_project_sparse_gradients_match_dense_product(autocast: bool, prebuilt: bool) -> None:
+    z = torch.relu(_rand(7, 20, seed=16) - 1.0)
+    z[[0, 3, 6]] = 0.0  # empty rows, first and last included
+    dtype = torch.float32 if autocast else torch.float64
+    U = _rand(20, 4, seed=17).to(dtype).requires_grad_()
+    vals = code_from_dense(z).vals_N.to(dtype).requires_grad_()
+    code = code_from_dense(z).with_vals(vals)
+    if prebuilt:
+        code = code.with_latent_major()
+    dense_z = code.to_dense()  # differentiable in vals
+    upstream = _rand(7, 4, seed=18).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        sparse = project_sparse(code, U)
+    dense = dense_z @ U
+    torch.testing.assert_close(sparse, dense)
+    g_sparse = torch.autograd.grad((sparse * upstream).sum(), [U, vals])
+    g_dense = torch.autograd.grad((dense * upstream).sum(), [U, vals])
+    for g_s, g_d in zip(g_sparse, g_dense, strict=True):
+        torch.testing.assert_close(g_s, g_d)
+
+
+def test_gather_preacts_gives_the_input_shift_its_subtraction_gradient() -> None:
+    x = _rand(6, 5, seed=19)
+    shift = _rand(5, seed=20).requires_grad_()
+    W = _rand(5, 40, seed=21).requires_grad_()
+    b = _rand(40, seed=22).requires_grad_()
+    sae_in = x - shift
+    with torch.no_grad():
+        hidden = sae_in @ W + b
+    rows, cols = select_topk(hidden, 3)
+    code = code_from_rows(cols.view(6, 3), torch.empty(6, 3), 40)
+    sparse = gather_preacts(sae_in.detach(), W, b, hidden, code, input_shift_D=shift)
+    dense = ((x - shift) @ W + b)[rows, cols]
+    torch.testing.assert_close(sparse, dense)
+    upstream = _rand(*sparse.shape, seed=23)
+    grads_sparse = torch.autograd.grad((sparse * upstream).sum(), [shift, W, b])
+    grads_dense = torch.autograd.grad((dense * upstream).sum(), [shift, W, b])
+    for g_s, g_d in zip(grads_sparse, grads_dense, strict=True):
+        torch.testing.assert_close(g_s, g_d)
+
+
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+@pytest.mark.parametrize("input_requires_grad", [False, True])
+def test_sparse_step_with_grouped_selection_matches_dense_step(
+    apply_b_dec_to_input: bool, input_requires_grad: bool
+) -> None:
+    # d_sae 256: the selection takes topk_indices' grouped path (also for AuxK)
+    x = (_rand(32, D_IN, seed=24).float() * 2).requires_grad_(input_requires_grad)
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[::3] = True
+    saes = [
+        make_training_sae("poly", d_sae=256, apply_b_dec_to_input=apply_b_dec_to_input)
+        for _ in range(2)
+    ]
+    saes[1].sparse_kernels = False
+    (out_s, grads_s), (out_d, grads_d) = (_step(sae, x, dead) for sae in saes)
+    assert out_s.feature_acts.is_sparse
+    torch.testing.assert_close(out_s.feature_acts.to_dense(), out_d.feature_acts)
+    torch.testing.assert_close(out_s.loss, out_d.loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_d.items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(grads_s[name], grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
+    if input_requires_grad:
+        (g_s,) = torch.autograd.grad(_step_loss(saes[0], x, dead), x)
+        (g_d,) = torch.autograd.grad(_step_loss(saes[1], x, dead), x)
+        torch.testing.assert_close(g_s, g_d, rtol=1e-5, atol=1e-6)
+
+
+def _step_loss(sae: Any, x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    step_input = TrainStepInput(
+        sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False
+    )
+    return sae.training_forward_pass(step_input).loss  # type: ignore[no-any-return]
+
+
+def test_inference_encode_matches_saelens_topk_encode_with_hooks() -> None:
+    cfg = polysae_lens.PolyTopKSAEConfig(d_in=D_IN, d_sae=256, k=6, poly_ranks=(12, 5, 3))
+    sae = randomize_(polysae_lens.PolyTopKSAE(cfg))
+    x = _rand(5, 3, D_IN, seed=25).float()
+    seen: list[torch.Tensor] = []
+    sae.hook_sae_acts_post.add_hook(lambda acts, hook: seen.append(acts))
+    fast = sae.encode(x)
+    sae.sparse_kernels = False
+    torch.testing.assert_close(fast, sae.encode(x))
+    assert len(seen) == 2 and fast.shape == (5, 3, 256)
+    assert int((fast != 0).sum(-1).max()) <= 6
+
+
+def test_dense_codes_take_the_dense_decode() -> None:
+    sae = make_training_sae("poly").eval()
+    z = _rand(8, D_SAE, seed=26).float()  # fully dense
+    assert code_if_sparse(z, max_density=0.125) is None
+    out = sae.decode(z)
+    sae.sparse_kernels = False
+    torch.testing.assert_close(out, sae.decode(z))

@@ -163,3 +163,34 @@ def test_c1_step_scale_is_a_per_parameter_adam_learning_rate(scale: float | None
             optimizer.zero_grad()
     torch.testing.assert_close(sae.C1, reference.C1, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(sae.W_enc, reference.W_enc, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("rows", "cols", "block"), [(300, 40, 128), (700, 300, 128), (90, 45, 16)])
+def test_blocked_gram_and_triangular_product_match_full_products(
+    rows: int, cols: int, block: int
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    Q = torch.randn(rows, cols, generator=gen)
+    T = torch.randn(cols, cols, generator=gen).triu()
+    gram = stiefel.symmetric_gram(Q, block)
+    torch.testing.assert_close(gram, Q.T @ Q, rtol=1e-5, atol=1e-4)
+    assert torch.equal(gram, gram.T)
+    torch.testing.assert_close(
+        stiefel.times_upper_triangular(Q, T, block), Q @ T, rtol=1e-5, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(200, 30), (700, 300)])
+@pytest.mark.parametrize("perturbation", [1e-3, 0.3])
+def test_cholesky_qr_retraction_gives_householders_q(
+    rows: int, cols: int, perturbation: float
+) -> None:
+    # (700, 300) takes the blocked Gram and triangular products
+    gen = torch.Generator().manual_seed(1)
+    U = stiefel.qr_retract(torch.randn(rows, cols, generator=gen))
+    U = U + perturbation * torch.randn(rows, cols, generator=gen)  # an optimizer step
+    Q = stiefel.cholesky_qr_retract(U)
+    assert orthogonality_error(Q) < 2e-6
+    torch.testing.assert_close(Q, stiefel.qr_retract(U), rtol=0, atol=2e-5)
+    Q_bf16 = stiefel.cholesky_qr_retract(U.to(torch.bfloat16))
+    assert Q_bf16.dtype == torch.bfloat16 and orthogonality_error(Q_bf16) < 0.05

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Generator
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
@@ -30,6 +30,7 @@ from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUTrainingSAE
 from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE
 from sae_lens.saes.sae import SAE, TrainingSAE, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import (
+    TopK,
     TopKSAE,
     TopKTrainingSAE,
     calculate_topk_aux_acts,
@@ -58,12 +59,13 @@ from polysae_lens.polynomial import (
 )
 from polysae_lens.sparse import (
     SparseCode,
-    code_from_dense,
     code_from_positions,
+    code_if_sparse,
     gather_preacts,
     project_sparse,
     select_batch_topk,
     select_topk,
+    topk_activation,
 )
 from polysae_lens.stiefel import orthogonality_error, qr_retract, track_for_retraction
 
@@ -71,6 +73,15 @@ logger = logging.getLogger(__name__)
 
 SPARSE_DENSITY = 0.125
 """Codes with at most this fraction of nonzeros are decoded with the sparse kernels."""
+
+
+class EncoderInput(NamedTuple):
+    """The encoder's input in the sparse step: ``sae_in`` and, when it is a
+    constant minus ``b_dec``, that shift (``sae_in`` is then detached)."""
+
+    sae_in_BD: Tensor
+    shift_D: Tensor | None
+
 
 if TYPE_CHECKING:
     from sae_lens.saes.sae import SAE as _Base
@@ -186,8 +197,10 @@ class PolyDecoderMixin(_Base):
 
     def _project(self, feature_acts: Tensor) -> Tensor:
         """``z @ U``, from the active rows of U when the code is sparse enough."""
-        if self.sparse_kernels and not feature_acts.is_sparse and _is_sparse(feature_acts):
-            return project_sparse(code_from_dense(feature_acts), self.U)
+        if self.sparse_kernels and not feature_acts.is_sparse and _may_be_sparse(feature_acts):
+            code = code_if_sparse(feature_acts, max_density=SPARSE_DENSITY)
+            if code is not None:
+                return project_sparse(code, self.U)
         return project(feature_acts, self.U)
 
     # ---- folds -----------------------------------------------------------
@@ -290,16 +303,16 @@ class PolyTrainingMixin(PolyDecoderMixin):
         raise NotImplementedError
 
     def _sparse_training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        sae_in_BD = self.process_sae_in(step_input.sae_in)
+        encoder_input = self._encoder_input(step_input.sae_in)
         with torch.no_grad():
-            hidden_pre_BF = sae_in_BD @ self.W_enc + self.b_enc
+            hidden_pre_BF = _encoder_preacts(encoder_input.sae_in_BD, self.W_enc, self.b_enc)
         rows_N, cols_N = self._select_active(hidden_pre_BF)
-        code = self._active_code(sae_in_BD, hidden_pre_BF, rows_N, cols_N, relu=True)
+        code = self._active_code(encoder_input, hidden_pre_BF, rows_N, cols_N, relu=True)
         sae_out_BD = self._decode_code(code) + self.b_dec
         sae_out_BD = self.run_time_activation_norm_fn_out(sae_out_BD)
         losses = {"mse_loss": self.mse_loss_fn(sae_out_BD, step_input.sae_in).sum(-1).mean()}
         losses.update(
-            self._sparse_extra_losses(step_input, sae_in_BD, hidden_pre_BF, code, sae_out_BD)
+            self._sparse_extra_losses(step_input, encoder_input, hidden_pre_BF, code, sae_out_BD)
         )
         output = TrainStepOutput(
             sae_in=step_input.sae_in,
@@ -312,13 +325,30 @@ class PolyTrainingMixin(PolyDecoderMixin):
         self._after_sparse_step(output, code)
         return output
 
+    def _encoder_input(self, x: Tensor) -> EncoderInput:
+        """``process_sae_in(x)``. When that is SAELens's ``x' - b_dec`` of a
+        constant input, it is detached and ``b_dec`` returned as the shift, so the
+        encoder's backward gives b_dec its gradient from [D, d_sae] work instead
+        of a [B, D] input gradient (see :func:`gather_preacts`)."""
+        if x.requires_grad or type(self).process_sae_in is not PolyDecoderMixin.process_sae_in:
+            return EncoderInput(self.process_sae_in(x), None)
+        with torch.no_grad():
+            sae_in_BD = self.process_sae_in(x)
+        return EncoderInput(sae_in_BD, self.b_dec if self.cfg.apply_b_dec_to_input else None)
+
     def _active_code(
-        self, sae_in_BD: Tensor, hidden_pre_BF: Tensor, rows_N: Tensor, cols_N: Tensor, relu: bool
+        self,
+        encoder_input: EncoderInput,
+        hidden_pre_BF: Tensor,
+        rows_N: Tensor,
+        cols_N: Tensor,
+        relu: bool,
     ) -> SparseCode:
         code = code_from_positions(rows_N, cols_N, hidden_pre_BF.new_empty(0), hidden_pre_BF.shape)
-        pre_N = gather_preacts(
-            sae_in_BD, self.W_enc, self.b_enc, hidden_pre_BF, rows_N, cols_N, code.offsets_B
-        )
+        # one latent-major layout for both the encoder's and U's gradients
+        code = code.with_latent_major()
+        sae_in_BD, shift_D = encoder_input
+        pre_N = gather_preacts(sae_in_BD, self.W_enc, self.b_enc, hidden_pre_BF, code, shift_D)
         return code.with_vals(pre_N.relu() if relu else pre_N)
 
     def _decode_code(self, code: SparseCode, weights: PolyDecoderWeights | None = None) -> Tensor:
@@ -328,7 +358,7 @@ class PolyTrainingMixin(PolyDecoderMixin):
     def _sparse_extra_losses(
         self,
         step_input: TrainStepInput,
-        sae_in_BD: Tensor,
+        encoder_input: EncoderInput,
         hidden_pre_BF: Tensor,
         code: SparseCode,
         sae_out_BD: Tensor,
@@ -340,7 +370,7 @@ class PolyTrainingMixin(PolyDecoderMixin):
             assert dead_mask_F is not None
             masked_BF = torch.where(dead_mask_F[None], hidden_pre_BF, -torch.inf)
             rows_N, cols_N = select_topk(masked_BF, k_aux)
-            aux = self._active_code(sae_in_BD, hidden_pre_BF, rows_N, cols_N, relu=False)
+            aux = self._active_code(encoder_input, hidden_pre_BF, rows_N, cols_N, relu=False)
             return self._decode_code(aux)
 
         loss = _auxk_loss(
@@ -403,6 +433,24 @@ class PolyTopKSAE(PolyDecoderMixin, TopKSAE):
     """Inference PolySAE with a per-row TopK encoder (``"poly"``)."""
 
     cfg: PolyTopKSAEConfig  # type: ignore[assignment]
+
+    @override
+    def encode(self, x: Tensor) -> Tensor:
+        """SAELens's TopK encoder with the faster selection of
+        :func:`polysae_lens.sparse.topk_indices`: the same activations, ties
+        aside (hooks run as in SAELens)."""
+        activation = self.activation_fn
+        if (
+            not self.sparse_kernels
+            or not isinstance(activation, TopK)
+            or activation.use_sparse_activations
+            or activation._forward_hooks
+            or activation._forward_pre_hooks
+        ):
+            return super().encode(x)
+        sae_in = self.process_sae_in(x)
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        return self.hook_sae_acts_post(topk_activation(hidden_pre, activation.k))
 
 
 class PolyTopKTrainingSAE(PolyTrainingMixin, TopKTrainingSAE):
@@ -504,13 +552,13 @@ class PolyMatryoshkaTrainingSAE(PolyBatchTopKTrainingSAE, MatryoshkaBatchTopKTra
     def _sparse_extra_losses(
         self,
         step_input: TrainStepInput,
-        sae_in_BD: Tensor,
+        encoder_input: EncoderInput,
         hidden_pre_BF: Tensor,
         code: SparseCode,
         sae_out_BD: Tensor,
     ) -> dict[str, Tensor]:
         losses = super()._sparse_extra_losses(
-            step_input, sae_in_BD, hidden_pre_BF, code, sae_out_BD
+            step_input, encoder_input, hidden_pre_BF, code, sae_out_BD
         )
         for width in self.cfg.matryoshka_widths[:-1]:
             level = code.with_vals(code.vals_N * (code.cols_N < width))
@@ -678,9 +726,39 @@ def _decode_top_dead_dense(
     return decode(calculate_topk_aux_acts(k_aux, hidden_pre_BF, dead_mask_F))
 
 
-def _is_sparse(z: Tensor) -> bool:
-    # Gathering rows of U beats the dense product well below this density.
-    return z.numel() > 0 and int(torch.count_nonzero(z)) <= SPARSE_DENSITY * z.numel()
+def _encoder_preacts(sae_in_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor) -> Tensor:
+    """``sae_in @ W_enc + b_enc`` for the sparse training step.
+
+    In float32/float64 the bias is fused into the matmul (addmm), saving a pass
+    over the [B, d_sae] result; the values may differ from SAELens's in the last
+    bit. In half precision, or under autocast (where addmm would also round the
+    float32 bias to bf16), the two steps are kept so the selection sees SAELens's
+    values.
+    """
+    full_precision = W_enc_DF.dtype in (torch.float32, torch.float64)
+    if not full_precision or torch.is_autocast_enabled(sae_in_BD.device.type):
+        return sae_in_BD @ W_enc_DF + b_enc_F
+    return torch.addmm(b_enc_F, sae_in_BD.reshape(-1, sae_in_BD.shape[-1]), W_enc_DF).reshape(
+        *sae_in_BD.shape[:-1], W_enc_DF.shape[1]
+    )
+
+
+DENSITY_SAMPLE_ROWS = 64
+"""Rows of a dense code whose density decides whether to look for its nonzeros."""
+
+
+def _may_be_sparse(z: Tensor) -> bool:
+    """Whether a sample of the code's rows is sparse enough for the sparse decode.
+
+    Finding the nonzeros of a code that turns out dense costs about as much as
+    the dense product, so clearly dense codes skip it; the sample's bound is
+    twice the real one because a few rows can be denser than the whole, and
+    :func:`code_if_sparse` then checks the whole code.
+    """
+    if z.numel() == 0:
+        return False
+    sample = z.reshape(-1, z.shape[-1])[:DENSITY_SAMPLE_ROWS]
+    return int(torch.count_nonzero(sample)) <= 2 * SPARSE_DENSITY * sample.numel()
 
 
 def _has_hooks(sae: nn.Module) -> bool:

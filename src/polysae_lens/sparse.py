@@ -13,6 +13,7 @@ Shape key as in :mod:`polysae_lens.polynomial`, plus ``N``: number of active
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -35,6 +36,9 @@ class SparseCode(NamedTuple):
     """Leading dimensions of the dense code."""
     d_sae: int
     """Number of latents."""
+    by_latent: LatentMajor | None = None
+    """The same entries grouped by latent, for the backward passes (built once
+    per selection by :meth:`with_latent_major`; computed on demand if absent)."""
 
     def to_coo(self, detach: bool = True) -> Tensor:
         """The code as a [B, d_sae] sparse COO tensor (SAELens accepts these).
@@ -57,6 +61,57 @@ class SparseCode(NamedTuple):
 
     def with_vals(self, vals_N: Tensor) -> SparseCode:
         return self._replace(vals_N=vals_N)
+
+    def with_latent_major(self) -> SparseCode:
+        """This code with its latent-major layout built (shared by every gradient
+        that sums over the entries of each latent)."""
+        if self.by_latent is not None:
+            return self
+        return self._replace(by_latent=latent_major(self.rows_N, self.cols_N, self.d_sae))
+
+
+class LatentMajor(NamedTuple):
+    """A code's entries grouped by latent: the CSR layout of the transposed code
+    [d_sae, B], so sums over each latent's entries are one sparse matmul."""
+
+    perm_N: Tensor
+    """Entry order grouped by latent (stable: rows ascending within a latent)."""
+    crow_F1: Tensor
+    """Start of each latent's entries in that order [d_sae + 1] (int64)."""
+    rows_N: Tensor
+    """Row of each entry, in that order (int64)."""
+
+
+def latent_major(rows_N: Tensor, cols_N: Tensor, d_sae: int) -> LatentMajor:
+    """The latent-major layout of the entries at (rows_N, cols_N)."""
+    cols_sorted_N, perm_N = torch.sort(cols_N, stable=True)
+    crow_F1 = torch.zeros(d_sae + 1, dtype=torch.long, device=cols_N.device)
+    torch.cumsum(torch.bincount(cols_sorted_N, minlength=d_sae), 0, out=crow_F1[1:])
+    return LatentMajor(perm_N, crow_F1, rows_N.index_select(0, perm_N))
+
+
+def transposed_product(by_latent: LatentMajor, vals_N: Tensor, X_BD: Tensor) -> Tensor:
+    """``Z^T @ X`` [d_sae, D] for the code Z [B, d_sae] with these entries and
+    values: per latent, the value-weighted sum of the rows of X where it is active.
+
+    One CSR matmul: embedding_bag's weight gradient computes the same sums after
+    its own sort of the indices, about twice as slowly, and each selection's sort
+    is shared here by every gradient that needs it.
+    """
+    n_latents = by_latent.crow_F1.shape[0] - 1
+    # CPU sparse CSR matmuls have no half-precision kernel: run those in float32
+    # (and in X's dtype otherwise, even under autocast)
+    dtype = torch.promote_types(X_BD.dtype, torch.float32)
+    with warnings.catch_warnings(), torch.autocast(X_BD.device.type, enabled=False):
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        Zt_FB = torch.sparse_csr_tensor(
+            by_latent.crow_F1,
+            by_latent.rows_N,
+            vals_N.to(dtype).index_select(0, by_latent.perm_N),
+            (n_latents, X_BD.shape[0]),
+            check_invariants=False,
+        )
+        return (Zt_FB @ X_BD.to(dtype)).to(X_BD.dtype)
 
 
 def code_from_rows(cols_BK: Tensor, vals_BK: Tensor, d_sae: int) -> SparseCode:
@@ -85,32 +140,120 @@ def code_from_positions(
 
 def code_from_dense(z_BF: Tensor) -> SparseCode:
     """The nonzero entries of a dense code (differentiable in ``z``)."""
+    code = code_if_sparse(z_BF, max_density=1.0)
+    assert code is not None
+    return code
+
+
+def code_if_sparse(z_BF: Tensor, max_density: float) -> SparseCode | None:
+    """:func:`code_from_dense`, or None if more than ``max_density`` of the
+    code's entries are nonzero."""
     batch_shape = z_BF.shape[:-1]
-    z_2d = z_BF.reshape(-1, z_BF.shape[-1])
-    rows_N, cols_N = torch.nonzero(z_2d, as_tuple=True)
-    code = code_from_positions(rows_N, cols_N, z_2d[rows_N, cols_N], z_2d.shape)
+    d_sae = z_BF.shape[-1]
+    flat_z = z_BF.reshape(-1)
+    # nonzero over the flat view and one index_select: about half the cost of
+    # the 2-D nonzero and advanced indexing
+    flat_N = flat_z.nonzero().squeeze(1)
+    if flat_N.numel() > max_density * flat_z.numel():
+        return None
+    rows_N, cols_N = flat_N // d_sae, flat_N % d_sae
+    code = code_from_positions(
+        rows_N, cols_N, flat_z.index_select(0, flat_N), torch.Size([flat_z.numel() // d_sae, d_sae])
+    )
     return code._replace(batch_shape=batch_shape)
 
 
 def project_sparse(code: SparseCode, U_FR: Tensor) -> Tensor:
     """``a = z @ U`` from the active rows of U only: [*batch_shape, R]."""
-    a_BR = F.embedding_bag(
-        code.cols_N,
-        U_FR,
-        code.offsets_B,
-        mode="sum",
-        per_sample_weights=code.vals_N.to(U_FR.dtype),
-    )
+    vals_N = code.vals_N.to(U_FR.dtype)
+    if torch.is_grad_enabled() and U_FR.requires_grad:
+        a_BR = _ProjectSparse.apply(U_FR, vals_N, code)
+    else:
+        a_BR = F.embedding_bag(
+            code.cols_N, U_FR, code.offsets_B, mode="sum", per_sample_weights=vals_N
+        )
     return a_BR.reshape(*code.batch_shape, U_FR.shape[1])
+
+
+class _ProjectSparse(torch.autograd.Function):
+    """embedding_bag's sum with U's gradient as one CSR matmul (see
+    :func:`transposed_product`) instead of embedding_bag's dense backward."""
+
+    @staticmethod
+    def forward(ctx: Any, U_FR: Tensor, vals_N: Tensor, code: SparseCode) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(U_FR, vals_N)
+        ctx.code = _indices_only(code)
+        return F.embedding_bag(
+            code.cols_N, U_FR, code.offsets_B, mode="sum", per_sample_weights=vals_N
+        )
+
+    @staticmethod
+    def backward(ctx: Any, grad_BR: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        U_FR, vals_N = ctx.saved_tensors
+        code: SparseCode = ctx.code
+        grad_U = grad_vals = None
+        if ctx.needs_input_grad[0]:
+            by_latent = code.by_latent or latent_major(code.rows_N, code.cols_N, code.d_sae)
+            grad_U = transposed_product(by_latent, vals_N, grad_BR.to(U_FR.dtype))
+        if ctx.needs_input_grad[1]:
+            # <grad a[row n], U[col n]> for every entry, without gathering the rows
+            # (the kernel behind embedding_bag's per_sample_weights gradient; 0 = sum)
+            grad_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_BR.to(U_FR.dtype), U_FR, code.cols_N, code.offsets_B, code.rows_N, 0
+            )
+        return grad_U, grad_vals, None
 
 
 def select_topk(hidden_pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Per-row top-k latents: (rows_N, cols_N), sorted by row then latent, so
     the COO form of the code is coalesced and sums over it need no sort."""
-    cols_BK = hidden_pre_BF.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    cols_BK = topk_indices(hidden_pre_BF, k).sort(dim=-1).values
     n_rows = hidden_pre_BF.shape[0]
     rows_N = torch.arange(n_rows, device=cols_BK.device).repeat_interleave(k)
     return rows_N, cols_BK.reshape(-1)
+
+
+def topk_activation(x_BF: Tensor, k: int) -> Tensor:
+    """SAELens's TopK activation (each row's k largest entries, ReLU'd, in a
+    dense zero tensor) with :func:`topk_indices` selecting: the same output, ties
+    aside, differentiable in ``x``."""
+    x_2d = x_BF.reshape(-1, x_BF.shape[-1])
+    cols_BK = topk_indices(x_2d, k)
+    # in place into fresh zeros: the out-of-place scatter would copy them first
+    acts_BF = torch.zeros_like(x_2d).scatter_(1, cols_BK, x_2d.gather(1, cols_BK).relu())
+    return acts_BF.reshape(x_BF.shape)
+
+
+TOPK_GROUP = 8
+"""Entries per group in :func:`topk_indices`' first stage."""
+
+
+def topk_indices(x_BF: Tensor, k: int, group: int = TOPK_GROUP) -> Tensor:
+    """Column indices [B, k] of each row's k largest entries, in no particular
+    order: the set ``torch.topk`` selects (the same values even with ties).
+
+    Two smaller top-k's instead of one over the whole row (CPU top-k costs about
+    the same per entry whatever k is). Split each row into groups of ``group``
+    entries and take the k groups with the largest maxima: every top-k entry
+    lies in one of them (an entry outside them has k larger group maxima above
+    it, so k larger entries), so the top k of their k * group entries are the
+    row's top k. Rows too short for this use ``torch.topk`` directly, and so do
+    half-precision inputs: ties are common there, and among tied entries the
+    two may pick different ones.
+    """
+    n_rows, n_cols = x_BF.shape
+    n_groups = n_cols // group
+    full_precision = x_BF.dtype in (torch.float32, torch.float64)
+    if not full_precision or n_cols % group != 0 or n_groups < 2 * k:
+        return x_BF.topk(k, dim=-1, sorted=False).indices
+    # group g holds entries g, g + G, g + 2G, ...: the max over a [B, group, G]
+    # view runs along contiguous memory
+    max_BG = x_BF.reshape(n_rows, group, n_groups).amax(1)
+    groups_BK = max_BG.topk(k, dim=-1, sorted=False).indices
+    steps_S = torch.arange(group, device=x_BF.device) * n_groups
+    candidates_BC = (groups_BK[:, :, None] + steps_S).reshape(n_rows, k * group)
+    picks_BK = x_BF.gather(1, candidates_BC).topk(k, dim=-1, sorted=False).indices
+    return candidates_BC.gather(1, picks_BK)
 
 
 def select_batch_topk(hidden_pre_BF: Tensor, k: float) -> tuple[Tensor, Tensor]:
@@ -138,45 +281,48 @@ class _GatherPreacts(torch.autograd.Function):
         W_enc_DF: Tensor,
         b_enc_F: Tensor,
         hidden_pre_BF: Tensor,
-        rows_N: Tensor,
-        cols_N: Tensor,
-        offsets_B: Tensor,
+        code: SparseCode,
+        input_shift_D: Tensor | None,
     ) -> Tensor:
-        ctx.save_for_backward(sae_in_BD, W_enc_DF, cols_N, offsets_B)
-        ctx.d_sae = b_enc_F.shape[0]
+        ctx.save_for_backward(sae_in_BD, W_enc_DF)
+        ctx.code = _indices_only(code)
         ctx.b_dtype = b_enc_F.dtype
-        return hidden_pre_BF[rows_N, cols_N]
+        ctx.shift_dtype = None if input_shift_D is None else input_shift_D.dtype
+        # flat positions: one contiguous gather instead of 2-D advanced indexing
+        flat_N = code.rows_N * hidden_pre_BF.shape[1] + code.cols_N
+        return hidden_pre_BF.reshape(-1).index_select(0, flat_N)
 
     @staticmethod
     def backward(ctx: Any, grad_N: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        sae_in_BD, W_enc_DF, cols_N, offsets_B = ctx.saved_tensors
+        sae_in_BD, W_enc_DF = ctx.saved_tensors
+        code: SparseCode = ctx.code
         need_x, need_W, need_b = ctx.needs_input_grad[:3]
-        grad_x = grad_W = grad_b = None
-        if need_x or need_W:
-            # One embedding_bag gives both: its output is the input gradient,
-            # and its weight gradient for upstream gradient sae_in is W_enc's.
-            # (Under autocast the upstream gradient may be bf16: compute in W's dtype.)
-            with torch.enable_grad():
-                # embedding_bag gathers rows: a strided view of W_enc is ~50x slower
-                W_enc_FD = W_enc_DF.detach().T.contiguous().requires_grad_(need_W)
-                grad_x_BD = F.embedding_bag(
-                    cols_N,
-                    W_enc_FD,
-                    offsets_B,
-                    mode="sum",
-                    per_sample_weights=grad_N.to(W_enc_FD.dtype),
-                )
-                if need_W:
-                    (grad_W_FD,) = torch.autograd.grad(
-                        grad_x_BD, W_enc_FD, sae_in_BD.detach().to(grad_x_BD.dtype)
-                    )
-                    grad_W = grad_W_FD.T
-            if need_x:
-                grad_x = grad_x_BD.detach().to(sae_in_BD.dtype)
-        if need_b:
-            grad_b = grad_N.new_zeros(ctx.d_sae, dtype=ctx.b_dtype)
-            grad_b.index_add_(0, cols_N, grad_N.to(ctx.b_dtype))
-        return grad_x, grad_W, grad_b, None, None, None, None
+        need_shift = ctx.needs_input_grad[5]
+        grad_x = grad_W = grad_b = grad_shift = None
+        # (Under autocast the upstream gradient may be bf16: compute in W's dtype.)
+        grad_N = grad_N.to(W_enc_DF.dtype)
+        if need_x:
+            # embedding_bag gathers rows: a strided view of W_enc is ~50x slower
+            grad_x_BD = F.embedding_bag(
+                code.cols_N,
+                W_enc_DF.detach().T.contiguous(),
+                code.offsets_B,
+                mode="sum",
+                per_sample_weights=grad_N,
+            )
+            grad_x = grad_x_BD.to(sae_in_BD.dtype)
+        if need_W:
+            by_latent = code.by_latent or latent_major(code.rows_N, code.cols_N, code.d_sae)
+            grad_W = transposed_product(by_latent, grad_N, sae_in_BD.to(grad_N.dtype)).T
+        if need_b or need_shift:
+            grad_F = grad_N.new_zeros(code.d_sae)
+            grad_F.index_add_(0, code.cols_N, grad_N)
+            if need_b:
+                grad_b = grad_F.to(ctx.b_dtype)
+            if need_shift:
+                # sum over rows of -(input gradient) = -W_enc @ (bias gradient)
+                grad_shift = -(W_enc_DF.detach() @ grad_F).to(ctx.shift_dtype)
+        return grad_x, grad_W, grad_b, None, None, grad_shift
 
 
 def gather_preacts(
@@ -184,16 +330,27 @@ def gather_preacts(
     W_enc_DF: Tensor,
     b_enc_F: Tensor,
     hidden_pre_BF: Tensor,
-    rows_N: Tensor,
-    cols_N: Tensor,
-    offsets_B: Tensor,
+    code: SparseCode,
+    input_shift_D: Tensor | None = None,
 ) -> Tensor:
-    """The selected pre-activations, differentiable with a sparse backward.
+    """The pre-activations at the code's entries, differentiable with a sparse backward.
 
     ``hidden_pre_BF`` must equal ``sae_in_BD @ W_enc_DF + b_enc_F`` (computed
     without autograd); the gradient flows to ``sae_in``, ``W_enc`` and ``b_enc``
-    as if the pre-activations had been computed densely.
+    as if the pre-activations had been computed densely. Only the code's indices
+    (and its latent-major layout, if built) are used.
+
+    ``input_shift_D``: for an input ``sae_in = x - shift`` with a constant x
+    (SAELens's ``x - b_dec``), pass ``sae_in`` detached and the shift here: the
+    shift then gets the gradient it would get through the subtraction, from
+    [D, d_sae] work instead of a [B, D] input gradient.
     """
     return _GatherPreacts.apply(  # type: ignore[no-any-return]
-        sae_in_BD, W_enc_DF, b_enc_F, hidden_pre_BF, rows_N, cols_N, offsets_B
+        sae_in_BD, W_enc_DF, b_enc_F, hidden_pre_BF, code, input_shift_D
     )
+
+
+def _indices_only(code: SparseCode) -> SparseCode:
+    """The code without its values, for saving on an autograd context (its
+    values may be part of the graph, which the context must not hold)."""
+    return code._replace(vals_N=code.vals_N.new_empty(0))

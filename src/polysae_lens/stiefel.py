@@ -51,15 +51,57 @@ def cholesky_qr_retract(U_FR: Tensor) -> Tensor:
     from full rank) this falls back to Householder QR and logs a warning.
     """
     Q_FR = U_FR.float()
+    eye_RR = torch.eye(Q_FR.shape[1], device=Q_FR.device)
     for _ in range(2):
-        L_RR, info = torch.linalg.cholesky_ex(Q_FR.T @ Q_FR)
+        L_RR, info = torch.linalg.cholesky_ex(symmetric_gram(Q_FR))
         if int(info) != 0:
             logger.warning(
                 "Cholesky-QR retraction failed (U is far from full rank); using Householder QR."
             )
             return qr_retract(U_FR)
-        Q_FR = torch.linalg.solve_triangular(L_RR, Q_FR.T, upper=False).T
+        # Q L^-T as a product with the small inverse: a triangular solve against
+        # the tall Q (trsm) is up to 2x slower than a matmul on CPU. L is well
+        # conditioned whenever the Cholesky succeeds on a near-orthonormal U, and
+        # the second pass absorbs the first pass's rounding either way.
+        L_inv_RR = torch.linalg.solve_triangular(L_RR, eye_RR, upper=False)
+        Q_FR = times_upper_triangular(Q_FR, L_inv_RR.T)
     return Q_FR.to(U_FR.dtype).contiguous()
+
+
+GRAM_BLOCK = 128
+"""Column block of :func:`symmetric_gram`: small enough to skip most of the
+lower triangle, large enough for each product to run at full matmul speed."""
+
+
+def symmetric_gram(Q_FR: Tensor, block: int = GRAM_BLOCK) -> Tensor:
+    """``Q^T Q`` [R, R] computing only its upper block triangle (for R > block).
+
+    A full ``Q.T @ Q`` computes every entry twice; block rows of the upper
+    triangle, mirrored, cost ~40% less for R = 768 (each entry is the same dot
+    product, up to summation order).
+    """
+    n_cols = Q_FR.shape[1]
+    if n_cols <= block:
+        return Q_FR.T @ Q_FR
+    gram_RR = Q_FR.new_zeros(n_cols, n_cols)
+    for start in range(0, n_cols, block):
+        gram_RR[start : start + block, start:] = Q_FR[:, start : start + block].T @ Q_FR[:, start:]
+    return gram_RR.triu() + gram_RR.triu(1).T
+
+
+def times_upper_triangular(Q_FR: Tensor, T_RR: Tensor, block: int = GRAM_BLOCK) -> Tensor:
+    """``Q @ T`` for an upper triangular ``T``, skipping its zero blocks (for R > block).
+
+    Column block j of the product needs only the first j + 1 row blocks of T.
+    """
+    n_cols = T_RR.shape[1]
+    if n_cols <= block:
+        return Q_FR @ T_RR
+    out_FR = Q_FR.new_empty(Q_FR.shape[0], n_cols)
+    for start in range(0, n_cols, block):
+        stop = min(start + block, n_cols)
+        torch.mm(Q_FR[:, :stop], T_RR[:stop, start:stop], out=out_FR[:, start:stop])
+    return out_FR
 
 
 RETRACTIONS = {"cholesky_qr": cholesky_qr_retract, "qr": qr_retract}
