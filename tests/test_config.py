@@ -73,6 +73,7 @@ BAD_CONFIGS: list[tuple[dict[str, Any], str]] = [
     ({"k": 49}, "k=49 is larger than d_sae=48"),
     ({"k": 0}, "k=0 must be a positive"),
     ({"rescale_acts_by_decoder_norm": True}, "rescale_acts_by_decoder_norm=True"),
+    ({"fused_adam": "yes"}, "fused_adam='yes' must be True or False"),
 ]
 
 

@@ -15,6 +15,7 @@ from polysae_lens.sparse import (
     code_from_dense,
     code_from_rows,
     code_if_sparse,
+    entry_dots,
     gather_preacts,
     latent_major,
     project_sparse,
@@ -197,6 +198,22 @@ def test_transposed_product_is_codeT_times_x(dtype: torch.dtype) -> None:
     assert got.dtype == dtype
     expected = (z.T @ X.double()).to(dtype)
     tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(got, expected, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_entry_dots_are_the_dense_product_at_the_codes_entries(dtype: torch.dtype) -> None:
+    # float32/64 take the sampled matmul, bf16 the embedding_bag kernel; rows 0,
+    # 4 and 9 are empty (a BatchTopK code), the rest have different counts
+    z = torch.relu(_rand(10, 40, seed=30) - 0.8)
+    z[[0, 4, 9]] = 0.0
+    code = code_from_dense(z)
+    A = _rand(10, 6, seed=31).to(dtype)
+    U = _rand(40, 6, seed=32).to(dtype)
+    got = entry_dots(code, A, U)
+    assert got.dtype == dtype and got.shape == code.cols_N.shape
+    expected = (A.double() @ U.double().T)[code.rows_N, code.cols_N].to(dtype)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(got, expected, **tol)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -194,3 +195,93 @@ def test_cholesky_qr_retraction_gives_householders_q(
     torch.testing.assert_close(Q, stiefel.qr_retract(U), rtol=0, atol=2e-5)
     Q_bf16 = stiefel.cholesky_qr_retract(U.to(torch.bfloat16))
     assert Q_bf16.dtype == torch.bfloat16 and orthogonality_error(Q_bf16) < 0.05
+
+
+def _count_grams(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = stiefel.symmetric_gram
+    monkeypatch.setattr(stiefel, "symmetric_gram", lambda Q, *a: calls.append(1) or real(Q, *a))
+    return calls
+
+
+@pytest.mark.parametrize("perturbation", [1e-4, 1e-3])
+def test_one_cholesky_pass_one_step_after_a_retraction(
+    monkeypatch: pytest.MonkeyPatch, perturbation: float
+) -> None:
+    # U one Adam-sized step from the manifold: one Gram matrix, one product
+    gen = torch.Generator().manual_seed(2)
+    U = stiefel.qr_retract(torch.randn(700, 300, generator=gen))
+    U = U + perturbation * torch.randn(700, 300, generator=gen).sign()
+    calls = _count_grams(monkeypatch)
+    Q = stiefel.cholesky_qr_retract(U)
+    assert len(calls) == 1
+    assert orthogonality_error(Q) < 2e-6
+    torch.testing.assert_close(Q, stiefel.qr_retract(U), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("condition", [1.5, 30.0])
+def test_ill_conditioned_u_takes_the_second_cholesky_pass(
+    monkeypatch: pytest.MonkeyPatch, condition: float
+) -> None:
+    gen = torch.Generator().manual_seed(3)
+    Q0 = stiefel.qr_retract(torch.randn(700, 300, generator=gen))
+    V = stiefel.qr_retract(torch.randn(300, 300, generator=gen))
+    singular_values = torch.logspace(0, math.log10(condition), 300)
+    U = (Q0 * singular_values) @ V.T
+    calls = _count_grams(monkeypatch)
+    Q = stiefel.cholesky_qr_retract(U)
+    assert len(calls) == 2
+    assert orthogonality_error(Q) < 2e-6
+    torch.testing.assert_close(Q, stiefel.qr_retract(U), rtol=0, atol=2e-6)
+
+
+def test_second_pass_decision_bounds_the_spectral_norm() -> None:
+    # rank one: the Frobenius norm is the spectral norm and certifies up to the
+    # limit; beyond it the power iteration finds the norm at once
+    w = torch.randn(300, generator=torch.Generator().manual_seed(0))
+    w = w / w.norm()
+    for norm, expected in ((0.1, False), (0.45, False), (0.6, True), (2.0, True)):
+        assert stiefel._needs_second_pass(norm * torch.outer(w, w)) is expected
+    # full rank: Frobenius norm above the limit, so the power-iteration estimate
+    # decides, with a factor 2 of margin
+    noise = torch.randn(300, 300, generator=torch.Generator().manual_seed(0))
+    sym = (noise + noise.T) / 2
+    sym = sym / torch.linalg.matrix_norm(sym, ord=2)
+    for spectral_norm, expected in ((0.1, False), (0.2, False), (0.3, True)):
+        deviation = spectral_norm * sym
+        assert deviation.norm() > stiefel.ONE_PASS_MAX_DEVIATION
+        assert stiefel._needs_second_pass(deviation) is expected
+
+
+def test_saetrainer_adam_switches_to_the_fused_kernel_with_the_same_steps() -> None:
+    runs = {}
+    for fused in (True, False):
+        sae = make_training_sae("poly", fused_adam=fused)
+        trainer = SAETrainer(cfg=trainer_cfg(20), sae=sae, data_provider=batches(sae))
+        trainer.fit()
+        runs[fused] = (sae, trainer.optimizer)
+    assert all(g["fused"] is True for g in runs[True][1].param_groups)
+    assert all(g["fused"] is None for g in runs[False][1].param_groups)
+    for (name, p_fused), p_plain in zip(
+        runs[True][0].named_parameters(), runs[False][0].parameters(), strict=True
+    ):
+        torch.testing.assert_close(p_fused, p_plain, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "case", ["foreach", "explicitly_unfused", "has_state", "sgd", "mixed_request"]
+)
+def test_fused_switch_leaves_other_optimizers_alone(case: str) -> None:
+    sae = make_training_sae("poly")
+    other = make_training_sae("poly", seed=1, fused_adam=case != "mixed_request")
+    params = [*sae.parameters(), *other.parameters()]
+    kwargs = {"foreach": {"foreach": True}, "explicitly_unfused": {"fused": False}}
+    if case == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=1e-3)
+    else:
+        optimizer = torch.optim.Adam(params, lr=1e-3, **kwargs.get(case, {}))
+    if case == "has_state":  # e.g. loaded from a checkpoint of an unfused run
+        optimizer.state[sae.U]["step"] = torch.tensor(1.0)
+    before = [dict(g) for g in optimizer.param_groups]
+    assert stiefel.use_fused_adam(optimizer, [sae, other]) is False
+    assert [dict(g) for g in optimizer.param_groups] == before

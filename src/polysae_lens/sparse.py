@@ -71,8 +71,8 @@ class SparseCode(NamedTuple):
 
 
 class LatentMajor(NamedTuple):
-    """A code's entries grouped by latent: the CSR layout of the transposed code
-    [d_sae, B], so sums over each latent's entries are one sparse matmul."""
+    """A code's entries grouped by latent (the layout of the transposed code
+    [d_sae, B]), so sums over each latent's entries are one ``embedding_bag``."""
 
     perm_N: Tensor
     """Entry order grouped by latent (stable: rows ascending within a latent)."""
@@ -94,24 +94,50 @@ def transposed_product(by_latent: LatentMajor, vals_N: Tensor, X_BD: Tensor) -> 
     """``Z^T @ X`` [d_sae, D] for the code Z [B, d_sae] with these entries and
     values: per latent, the value-weighted sum of the rows of X where it is active.
 
-    One CSR matmul: embedding_bag's weight gradient computes the same sums after
-    its own sort of the indices, about twice as slowly, and each selection's sort
-    is shared here by every gradient that needs it.
+    An ``embedding_bag`` forward with one bag per latent, X as the table and the
+    entries' rows as indices: at the GPT-2 shape about 1.8x faster than the
+    same sums as a CSR matmul on CPU, and 2x faster than embedding_bag's own
+    weight gradient (which sorts the indices each time; the latent-major layout
+    is built once per selection and shared by every gradient that needs it).
     """
-    n_latents = by_latent.crow_F1.shape[0] - 1
-    # CPU sparse CSR matmuls have no half-precision kernel: run those in float32
-    # (and in X's dtype otherwise, even under autocast)
+    # half-precision inputs (bf16 models, autocast) are summed in float32
     dtype = torch.promote_types(X_BD.dtype, torch.float32)
-    with warnings.catch_warnings(), torch.autocast(X_BD.device.type, enabled=False):
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        Zt_FB = torch.sparse_csr_tensor(
-            by_latent.crow_F1,
+    with torch.autocast(X_BD.device.type, enabled=False):
+        sums_FD = F.embedding_bag(
             by_latent.rows_N,
-            vals_N.to(dtype).index_select(0, by_latent.perm_N),
-            (n_latents, X_BD.shape[0]),
-            check_invariants=False,
+            X_BD.to(dtype),
+            by_latent.crow_F1[:-1],
+            mode="sum",
+            per_sample_weights=vals_N.to(dtype).index_select(0, by_latent.perm_N),
         )
-        return (Zt_FB @ X_BD.to(dtype)).to(X_BD.dtype)
+    return sums_FD.to(X_BD.dtype)
+
+
+def entry_dots(code: SparseCode, A_BR: Tensor, U_FR: Tensor) -> Tensor:
+    """``<A[row n], U[col n]>`` for every entry n of the code: the entries of
+    ``A @ U^T`` [B, d_sae] at the code's positions, without the dense product.
+
+    A sampled matmul (``torch.sparse.sampled_addmm``) over the code's CSR layout
+    in float32 / float64, about 1.7x faster than the kernel behind
+    ``embedding_bag``'s ``per_sample_weights`` gradient, which serves other dtypes.
+    """
+    if A_BR.dtype in (torch.float32, torch.float64) and A_BR.dtype == U_FR.dtype:
+        n_entries = code.cols_N.shape[0]
+        crow_B1 = torch.cat([code.offsets_B, code.offsets_B.new_tensor([n_entries])])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            pattern = torch.sparse_csr_tensor(
+                crow_B1,
+                code.cols_N,
+                A_BR.new_zeros(n_entries),
+                (A_BR.shape[0], code.d_sae),
+                check_invariants=False,
+            )
+            return torch.sparse.sampled_addmm(pattern, A_BR, U_FR.T, beta=0.0).values()
+    # (0: the sum mode of embedding_bag)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        A_BR, U_FR, code.cols_N, code.offsets_B, code.rows_N, 0
+    )
 
 
 def code_from_rows(cols_BK: Tensor, vals_BK: Tensor, d_sae: int) -> SparseCode:
@@ -176,8 +202,9 @@ def project_sparse(code: SparseCode, U_FR: Tensor) -> Tensor:
 
 
 class _ProjectSparse(torch.autograd.Function):
-    """embedding_bag's sum with U's gradient as one CSR matmul (see
-    :func:`transposed_product`) instead of embedding_bag's dense backward."""
+    """embedding_bag's sum with faster gradients: U's from the shared
+    latent-major layout (:func:`transposed_product`), the values' from
+    :func:`entry_dots`."""
 
     @staticmethod
     def forward(ctx: Any, U_FR: Tensor, vals_N: Tensor, code: SparseCode) -> Tensor:  # type: ignore[override]
@@ -196,11 +223,7 @@ class _ProjectSparse(torch.autograd.Function):
             by_latent = code.by_latent or latent_major(code.rows_N, code.cols_N, code.d_sae)
             grad_U = transposed_product(by_latent, vals_N, grad_BR.to(U_FR.dtype))
         if ctx.needs_input_grad[1]:
-            # <grad a[row n], U[col n]> for every entry, without gathering the rows
-            # (the kernel behind embedding_bag's per_sample_weights gradient; 0 = sum)
-            grad_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_BR.to(U_FR.dtype), U_FR, code.cols_N, code.offsets_B, code.rows_N, 0
-            )
+            grad_vals = entry_dots(code, grad_BR.to(U_FR.dtype), U_FR)
         return grad_U, grad_vals, None
 
 

@@ -39,21 +39,29 @@ def qr_retract(U_FR: Tensor) -> Tensor:
 
 
 def cholesky_qr_retract(U_FR: Tensor) -> Tensor:
-    """The same Q factor as :func:`qr_retract`, from Gram matrices (CholeskyQR2).
+    """The same Q factor as :func:`qr_retract`, from Gram matrices (CholeskyQR).
 
     With ``U = Q R`` and diag(R) > 0, ``U^T U = R^T R`` is the Cholesky
-    factorisation of the Gram matrix, so ``Q = U R^-1``. One such pass loses
-    orthogonality in proportion to cond(U)^2, so a second pass re-orthonormalises
-    its output (the product of the two triangular factors is again upper
-    triangular with a positive diagonal: the Q is unchanged). Four matrix
-    products over U instead of Householder QR: several times faster for U
-    [16384, 768]. If a Gram matrix is not numerically positive definite (U far
-    from full rank) this falls back to Householder QR and logs a warning.
+    factorisation of the Gram matrix, so ``Q = U R^-1``: two products over U
+    instead of Householder QR, several times faster for U [16384, 768]. One such
+    pass loses orthogonality in proportion to cond(U)^2, so a second pass
+    re-orthonormalises its output (CholeskyQR2; the product of the two triangular
+    factors is again upper triangular with a positive diagonal: the Q is
+    unchanged) unless U was already close to orthonormal, as it is one optimizer
+    step after the previous retraction: then one pass is as accurate as
+    Householder QR (see :func:`_needs_second_pass`) and the retraction costs half.
+    If a Gram matrix is not numerically positive definite (U far from full rank)
+    this falls back to Householder QR and logs a warning.
     """
     Q_FR = U_FR.float()
     eye_RR = torch.eye(Q_FR.shape[1], device=Q_FR.device)
-    for _ in range(2):
-        L_RR, info = torch.linalg.cholesky_ex(symmetric_gram(Q_FR))
+    passes = 2
+    while passes > 0:
+        gram_RR = symmetric_gram(Q_FR)
+        if passes == 2 and not _needs_second_pass(gram_RR - eye_RR):
+            passes = 1
+        passes -= 1
+        L_RR, info = torch.linalg.cholesky_ex(gram_RR)
         if int(info) != 0:
             logger.warning(
                 "Cholesky-QR retraction failed (U is far from full rank); using Householder QR."
@@ -66,6 +74,36 @@ def cholesky_qr_retract(U_FR: Tensor) -> Tensor:
         L_inv_RR = torch.linalg.solve_triangular(L_RR, eye_RR, upper=False)
         Q_FR = times_upper_triangular(Q_FR, L_inv_RR.T)
     return Q_FR.to(U_FR.dtype).contiguous()
+
+
+ONE_PASS_MAX_DEVIATION = 0.5
+"""Largest ||U^T U - I||_2 for which one CholeskyQR pass is used: cond(U^T U) is
+then at most 3, while one pass stays as orthonormal as Householder QR up to
+cond(U^T U) ~ 100 in float32 (``benchmarks/retraction.py`` prints both)."""
+
+
+def _needs_second_pass(deviation_RR: Tensor, iterations: int = 16) -> bool:
+    """Whether ``||U^T U - I||_2`` (the symmetric ``deviation``) may exceed
+    :data:`ONE_PASS_MAX_DEVIATION`.
+
+    The Frobenius norm bounds the spectral norm from above; when it is too
+    large, a few power iterations (R x R products, negligible next to the
+    [d_sae, R] Gram matrix) estimate the spectral norm from below, and the
+    estimate must stay under half the limit: a factor 2 of margin for the
+    estimate, on top of the ~30x margin of the limit itself.
+    """
+    if float(deviation_RR.norm()) <= ONE_PASS_MAX_DEVIATION:
+        return False
+    gen = torch.Generator(device=deviation_RR.device).manual_seed(0)
+    v_R = torch.randn(deviation_RR.shape[0], device=deviation_RR.device, generator=gen)
+    estimate = 0.0
+    for _ in range(iterations):
+        v_R = v_R / v_R.norm()
+        v_R = deviation_RR @ v_R
+        estimate = float(v_R.norm())
+        if estimate == 0.0:
+            return False
+    return 2 * estimate > ONE_PASS_MAX_DEVIATION
 
 
 GRAM_BLOCK = 128
@@ -178,6 +216,7 @@ def attach_stiefel_retraction(
                 "pass the SAEs whose parameters the optimizer updates."
             )
     _TARGETS[optimizer] = []  # the automatic hooks leave this optimizer alone
+    use_fused_adam(optimizer, [ref() for ref in targets])
     pre = optimizer.register_step_pre_hook(
         lambda opt, args, kwargs: _snapshot_scaled_steps(opt, targets)
     )
@@ -234,7 +273,55 @@ def _targets(optimizer: Optimizer) -> list[weakref.ref[nn.Module]]:
     targets = _TARGETS.get(optimizer)
     if targets is None:
         targets = _TARGETS[optimizer] = _find_targets(optimizer)
+        if targets:
+            use_fused_adam(optimizer, [ref() for ref in targets])
     return targets
+
+
+def use_fused_adam(optimizer: Optimizer, saes: Iterable[nn.Module | None]) -> bool:
+    """Switch ``optimizer`` to torch's fused Adam kernel if every SAE in ``saes``
+    asks for it (config field ``fused_adam``) and the switch changes nothing but
+    speed; return whether it did.
+
+    Runs before the optimizer's first step (the automatic hooks and
+    :func:`attach_stiefel_retraction` call it). Only a ``torch.optim.Adam`` or
+    ``AdamW`` whose groups were built with neither ``foreach`` nor ``fused`` set
+    and without ``differentiable`` or ``capturable`` is switched, only before it
+    has any state, and only when the fused kernel supports every parameter's
+    device and dtype. Adam reads ``group["fused"]`` at each step; a checkpoint
+    saved from the switched optimizer records ``fused=True`` and resumes fused.
+    """
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.state:
+        # (state loaded from a non-fused run keeps its layout: on GPUs the fused
+        # kernel wants its step counters on the device)
+        return False
+    saes = list(saes)
+    if not saes or not all(
+        sae is not None and getattr(sae.cfg, "fused_adam", False) for sae in saes
+    ):
+        return False
+    for group in optimizer.param_groups:
+        if group.get("fused") is not None or group.get("foreach"):
+            return False
+        if group.get("differentiable") or group.get("capturable"):
+            return False
+        if not all(_fused_kernel_supports(p) for p in group["params"]):
+            return False
+    for group in optimizer.param_groups:
+        group["fused"] = True
+    logger.info("polysae-lens switched %s to torch's fused kernel.", type(optimizer).__name__)
+    return True
+
+
+def _fused_kernel_supports(param: Tensor) -> bool:
+    try:
+        # the check torch's own Adam runs on fused parameters at their first step
+        from torch.optim.optimizer import _device_dtype_check_for_fused
+
+        _device_dtype_check_for_fused(param)
+    except (RuntimeError, ImportError):
+        return False
+    return True
 
 
 def _before_any_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
