@@ -25,20 +25,21 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.synthetic import ActivationGenerator, FeatureDictionary
 
 from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig, orthogonality_error
-from polysae_lens.stiefel import RETRACTIONS
+from polysae_lens.stiefel import RETRACTIONS, cholesky_qr_retract, qr_retract
 
 
 def time_retractions(d_sae: int, rank: int, repeats: int) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
-    U = RETRACTIONS["qr"](torch.randn(d_sae, rank, generator=gen))
+    U = qr_retract(torch.randn(d_sae, rank, generator=gen))
     U = U + 1e-3 * torch.randn(d_sae, rank, generator=gen)  # one optimizer step away
     times: dict[str, list[float]] = {name: [] for name in RETRACTIONS}
     for _ in range(repeats):
         for name, retract in RETRACTIONS.items():
+            U_copy = U.clone()
             start = time.perf_counter()
-            retract(U)
+            retract(U_copy)
             times[name].append(time.perf_counter() - start)
-    q_chol, q_house = RETRACTIONS["cholesky_qr"](U), RETRACTIONS["qr"](U)
+    q_chol, q_house = cholesky_qr_retract(U), qr_retract(U)
     print(f"max |Q_cholesky - Q_householder| = {(q_chol - q_house).abs().max().item():.2e}")
     return {name: statistics.median(values) for name, values in times.items()}
 

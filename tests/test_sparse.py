@@ -11,6 +11,7 @@ from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopK
 
 import polysae_lens
+from polysae_lens import sparse
 from polysae_lens.sparse import (
     code_from_dense,
     code_from_rows,
@@ -24,6 +25,7 @@ from polysae_lens.sparse import (
     topk_activation,
     topk_indices,
     transposed_product,
+    transposed_product_DF,
 )
 
 from .conftest import D_IN, D_SAE, make_training_sae, randomize_
@@ -188,7 +190,9 @@ def test_topk_activation_matches_saelens_topk_values_and_gradients() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_transposed_product_is_codeT_times_x(dtype: torch.dtype) -> None:
+def test_transposed_product_is_codeT_times_x(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     z = torch.relu(_rand(10, 40, seed=14) - 1.0)
     z[4] = 0.0
     code = code_from_dense(z)
@@ -199,6 +203,15 @@ def test_transposed_product_is_codeT_times_x(dtype: torch.dtype) -> None:
     expected = (z.T @ X.double()).to(dtype)
     tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(got, expected, **tol)
+    # in W_enc's layout, in chunks of latents: several chunks, one of them empty
+    # (latents 14-20 are never active), the last one partial
+    z[:, 14:28] = 0.0
+    code = code_from_dense(z)
+    by_latent = latent_major(code.rows_N, code.cols_N, code.d_sae)
+    monkeypatch.setattr(sparse, "LATENT_CHUNK", 7)
+    got_DF = transposed_product_DF(by_latent, code.vals_N, X)
+    assert got_DF.dtype == dtype and got_DF.is_contiguous()
+    torch.testing.assert_close(got_DF, (X.double().T @ z).to(dtype), **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

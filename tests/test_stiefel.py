@@ -168,17 +168,18 @@ def test_c1_step_scale_is_a_per_parameter_adam_learning_rate(scale: float | None
 
 @pytest.mark.parametrize(("rows", "cols", "block"), [(300, 40, 128), (700, 300, 128), (90, 45, 16)])
 def test_blocked_gram_and_triangular_product_match_full_products(
-    rows: int, cols: int, block: int
+    rows: int, cols: int, block: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(stiefel, "ROW_CHUNK", 64)  # several chunks, the last one partial
     gen = torch.Generator().manual_seed(0)
     Q = torch.randn(rows, cols, generator=gen)
     T = torch.randn(cols, cols, generator=gen).triu()
     gram = stiefel.symmetric_gram(Q, block)
     torch.testing.assert_close(gram, Q.T @ Q, rtol=1e-5, atol=1e-4)
     assert torch.equal(gram, gram.T)
-    torch.testing.assert_close(
-        stiefel.times_upper_triangular(Q, T, block), Q @ T, rtol=1e-5, atol=1e-4
-    )
+    expected = Q @ T
+    assert stiefel.times_upper_triangular_(Q, T, block) is Q
+    torch.testing.assert_close(Q, expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(("rows", "cols"), [(200, 30), (700, 300)])
@@ -195,6 +196,25 @@ def test_cholesky_qr_retraction_gives_householders_q(
     torch.testing.assert_close(Q, stiefel.qr_retract(U), rtol=0, atol=2e-5)
     Q_bf16 = stiefel.cholesky_qr_retract(U.to(torch.bfloat16))
     assert Q_bf16.dtype == torch.bfloat16 and orthogonality_error(Q_bf16) < 0.05
+
+
+@pytest.mark.parametrize("layout", ["float32", "bfloat16", "transposed_view"])
+def test_in_place_retraction_writes_householders_q_into_u(layout: str) -> None:
+    gen = torch.Generator().manual_seed(4)
+    U = stiefel.qr_retract(torch.randn(300, 40, generator=gen))
+    U = U + 1e-2 * torch.randn(300, 40, generator=gen)
+    if layout == "bfloat16":
+        U = U.to(torch.bfloat16)
+    elif layout == "transposed_view":
+        U = U.T.contiguous().T
+    expected = stiefel.qr_retract(U)
+    for retract in stiefel.RETRACTIONS.values():
+        V = U.clone() if layout != "transposed_view" else U.T.contiguous().T
+        storage, strides = V.data_ptr(), V.stride()
+        assert retract(V) is V
+        assert (V.data_ptr(), V.stride()) == (storage, strides)
+        tol = 2e-2 if layout == "bfloat16" else 2e-6
+        torch.testing.assert_close(V, expected, rtol=0, atol=tol)
 
 
 def _count_grams(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -39,7 +39,14 @@ def qr_retract(U_FR: Tensor) -> Tensor:
 
 
 def cholesky_qr_retract(U_FR: Tensor) -> Tensor:
-    """The same Q factor as :func:`qr_retract`, from Gram matrices (CholeskyQR).
+    """The same Q factor as :func:`qr_retract`, from Gram matrices (CholeskyQR);
+    a new tensor in U's dtype (see :func:`cholesky_qr_retract_`)."""
+    Q_FR = U_FR.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    return _cholesky_qr_(Q_FR).to(U_FR.dtype)
+
+
+def cholesky_qr_retract_(U_FR: Tensor) -> Tensor:
+    """Replace U by the Q factor of its QR decomposition (diag(R) > 0), in place.
 
     With ``U = Q R`` and diag(R) > 0, ``U^T U = R^T R`` is the Cholesky
     factorisation of the Gram matrix, so ``Q = U R^-1``: two products over U
@@ -52,8 +59,23 @@ def cholesky_qr_retract(U_FR: Tensor) -> Tensor:
     Householder QR (see :func:`_needs_second_pass`) and the retraction costs half.
     If a Gram matrix is not numerically positive definite (U far from full rank)
     this falls back to Householder QR and logs a warning.
+
+    Computed in float32 whatever U's dtype; a float32 contiguous U is updated
+    without a [d_sae, R] temporary.
     """
-    Q_FR = U_FR.float()
+    if U_FR.dtype == torch.float32 and U_FR.is_contiguous():
+        return _cholesky_qr_(U_FR)
+    Q_FR = U_FR.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    return U_FR.copy_(_cholesky_qr_(Q_FR))
+
+
+def qr_retract_(U_FR: Tensor) -> Tensor:
+    """:func:`qr_retract` (Householder QR) written back into U."""
+    return U_FR.copy_(qr_retract(U_FR))
+
+
+def _cholesky_qr_(Q_FR: Tensor) -> Tensor:
+    """CholeskyQR(2) of a float32 contiguous matrix, in place."""
     eye_RR = torch.eye(Q_FR.shape[1], device=Q_FR.device)
     passes = 2
     while passes > 0:
@@ -63,17 +85,20 @@ def cholesky_qr_retract(U_FR: Tensor) -> Tensor:
         passes -= 1
         L_RR, info = torch.linalg.cholesky_ex(gram_RR)
         if int(info) != 0:
+            # Q still spans U's columns with the same orientation (the first pass
+            # multiplies by an upper triangular matrix with a positive diagonal),
+            # so Householder QR of Q gives U's Q factor.
             logger.warning(
                 "Cholesky-QR retraction failed (U is far from full rank); using Householder QR."
             )
-            return qr_retract(U_FR)
+            return qr_retract_(Q_FR)
         # Q L^-T as a product with the small inverse: a triangular solve against
         # the tall Q (trsm) is up to 2x slower than a matmul on CPU. L is well
         # conditioned whenever the Cholesky succeeds on a near-orthonormal U, and
         # the second pass absorbs the first pass's rounding either way.
         L_inv_RR = torch.linalg.solve_triangular(L_RR, eye_RR, upper=False)
-        Q_FR = times_upper_triangular(Q_FR, L_inv_RR.T)
-    return Q_FR.to(U_FR.dtype).contiguous()
+        times_upper_triangular_(Q_FR, L_inv_RR.T)
+    return Q_FR
 
 
 ONE_PASS_MAX_DEVIATION = 0.5
@@ -127,23 +152,39 @@ def symmetric_gram(Q_FR: Tensor, block: int = GRAM_BLOCK) -> Tensor:
     return gram_RR.triu() + gram_RR.triu(1).T
 
 
-def times_upper_triangular(Q_FR: Tensor, T_RR: Tensor, block: int = GRAM_BLOCK) -> Tensor:
-    """``Q @ T`` for an upper triangular ``T``, skipping its zero blocks (for R > block).
+ROW_CHUNK = 2048
+"""Rows of U per product in :func:`times_upper_triangular_`: a [ROW_CHUNK, R]
+temporary stays in cache and is copied back in place."""
 
-    Column block j of the product needs only the first j + 1 row blocks of T.
+
+def times_upper_triangular_(Q_FR: Tensor, T_RR: Tensor, block: int = GRAM_BLOCK) -> Tensor:
+    """``Q <- Q @ T`` in place for an upper triangular ``T``.
+
+    Each row of the product needs only the same row of Q, so Q is processed in
+    chunks of :data:`ROW_CHUNK` rows through one small temporary; within a chunk
+    (for R > block) column block j of the product needs only the first j + 1
+    row blocks of T, so the zero blocks are skipped. Writing in place also
+    spares a fresh [d_sae, R] result: the first touch of its pages cost more
+    than the zero blocks save.
     """
-    n_cols = T_RR.shape[1]
-    if n_cols <= block:
-        return Q_FR @ T_RR
-    out_FR = Q_FR.new_empty(Q_FR.shape[0], n_cols)
-    for start in range(0, n_cols, block):
-        stop = min(start + block, n_cols)
-        torch.mm(Q_FR[:, :stop], T_RR[:stop, start:stop], out=out_FR[:, start:stop])
-    return out_FR
+    n_rows, n_cols = Q_FR.shape
+    chunk_CR = Q_FR.new_empty(min(ROW_CHUNK, n_rows), n_cols)
+    for row in range(0, n_rows, ROW_CHUNK):
+        rows_QR = Q_FR[row : row + ROW_CHUNK]
+        out_CR = chunk_CR[: rows_QR.shape[0]]
+        if n_cols <= block:
+            torch.mm(rows_QR, T_RR, out=out_CR)
+        else:
+            for start in range(0, n_cols, block):
+                stop = min(start + block, n_cols)
+                torch.mm(rows_QR[:, :stop], T_RR[:stop, start:stop], out=out_CR[:, start:stop])
+        rows_QR.copy_(out_CR)
+    return Q_FR
 
 
-RETRACTIONS = {"cholesky_qr": cholesky_qr_retract, "qr": qr_retract}
-"""Retraction methods by config name (``stiefel_method``)."""
+RETRACTIONS = {"cholesky_qr": cholesky_qr_retract_, "qr": qr_retract_}
+"""In-place retractions by config name (``stiefel_method``); both give U's Q
+factor with diag(R) > 0."""
 
 
 def orthogonality_error(U_FR: Tensor) -> Tensor:
@@ -251,8 +292,9 @@ def retract_(sae: nn.Module, optimizer: Optimizer | None = None) -> None:
     ``stiefel_every_n_steps`` (default 1) is counted with the optimizer's step
     count for U (Adam's ``state["step"]``); with no such count every call
     retracts. ``stiefel_method`` picks the computation of the same Q factor
-    (default ``"qr"`` for modules without the field). ``stiefel_project_moments`` also projects Adam's first moment of U
-    onto the tangent space at the retracted point.
+    (default ``"qr"`` for modules without the field).
+    ``stiefel_project_moments`` also projects Adam's first moment of U onto the
+    tangent space at the retracted point.
     """
     every_n = getattr(sae.cfg, "stiefel_every_n_steps", 1)
     if every_n == 0:
@@ -262,11 +304,10 @@ def retract_(sae: nn.Module, optimizer: Optimizer | None = None) -> None:
     step = state.get("step")
     if step is not None and int(step) % every_n != 0:
         return
-    Q = RETRACTIONS[getattr(sae.cfg, "stiefel_method", "qr")](U)
+    RETRACTIONS[getattr(sae.cfg, "stiefel_method", "qr")](U)
     exp_avg = state.get("exp_avg")
     if getattr(sae.cfg, "stiefel_project_moments", False) and exp_avg is not None:
-        exp_avg.copy_(project_to_tangent(Q.float(), exp_avg.float()).to(exp_avg.dtype))
-    U.copy_(Q)
+        exp_avg.copy_(project_to_tangent(U.float(), exp_avg.float()).to(exp_avg.dtype))
 
 
 def _targets(optimizer: Optimizer) -> list[weakref.ref[nn.Module]]:
