@@ -5,7 +5,12 @@ In one process, interleaving the contenders round by round, this times
 - a full training step through SAELens's own ``SAETrainer.step`` (forward,
   backward, grad-norm clip, Adam step, the PolySAE retraction, sparsity stats);
 - inference ``decode(encode(x))`` under ``torch.no_grad()``;
-- the encoder matmul ``x @ W_enc + b_enc`` alone: the floor no SAE can beat;
+- the encoder pre-activations alone, ``addmm(b_enc, x, W_enc)`` (the floor no
+  SAE can beat; ``x @ W_enc + b_enc``, one more pass over the [batch, d_sae]
+  result, is printed beside it);
+- the PolySAE step's largest parts on their own: the top-k selection, one
+  Cholesky-QR retraction of U and one fused Adam step over the PolySAE's
+  parameters (each also part of the PolySAE training step);
 
 for (a) SAELens's ``TopKTrainingSAE`` (``rescale_acts_by_decoder_norm=False``,
 the paper's setting), (b) PolySAE (sparse kernels, Cholesky-QR retraction every
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -37,6 +43,8 @@ from sae_lens.config import SAETrainerConfig
 
 from polysae_lens import PolyTopKSAE, PolyTopKSAEConfig, PolyTopKTrainingSAE
 from polysae_lens import PolyTopKTrainingSAEConfig as PolyTrainCfg
+from polysae_lens.sparse import select_topk
+from polysae_lens.stiefel import cholesky_qr_retract_
 
 
 @dataclass(frozen=True)
@@ -110,8 +118,19 @@ def time_shape(shape: Shape, repeats: int, autocast: bool) -> dict[str, float]:
     trainers = {c: make_trainer(build(c, shape, True), shape, autocast) for c in CONTENDERS}
     inference = {c: build(c, shape, False) for c in CONTENDERS if c != "poly_every4"}
     W_enc, b_enc = inference["topk"].W_enc.detach(), inference["topk"].b_enc.detach()
+    poly = trainers["poly"].sae
+    with torch.no_grad():
+        hidden_pre = torch.addmm(poly.b_enc, batch, poly.W_enc)
+    U = poly.U.detach().clone()
+    adam = torch.optim.Adam([p.detach().clone() for p in poly.parameters()], lr=3e-4, fused=True)
+    for param in adam.param_groups[0]["params"]:
+        param.grad = torch.randn_like(param)
 
     def encode_floor() -> None:
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            torch.addmm(b_enc, batch, W_enc)
+
+    def encode_unfused() -> None:
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             batch @ W_enc + b_enc
 
@@ -122,11 +141,27 @@ def time_shape(shape: Shape, repeats: int, autocast: bool) -> dict[str, float]:
 
         return run
 
-    fns: dict[str, Callable[[], Any]] = {"floor": encode_floor}
+    fns: dict[str, Callable[[], Any]] = {"floor": encode_floor, "floor_unfused": encode_unfused}
+    fns |= {
+        "part/selection": lambda: select_topk(hidden_pre, shape.k),
+        "part/retraction": lambda: cholesky_qr_retract_(U),
+        "part/adam": lambda: adam.step(),
+    }
     fns |= {f"train/{c}": (lambda t=t: t.step(batch)) for c, t in trainers.items()}
     if not autocast:
         fns |= {f"infer/{c}": infer(sae) for c, sae in inference.items()}
     return median_times(fns, repeats)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def peak_rss_kb() -> int:
@@ -163,7 +198,11 @@ def report(shape: Shape, times: dict[str, float], memory: dict[str, float] | Non
     )
     print(f"{'measure':<22}{'median s':>12}{'/ topk':>10}{'/ floor':>10}")
     floor = times["floor"]
-    print(f"{'encoder matmul floor':<22}{floor:>12.4f}{'':>10}{1.0:>10.2f}")
+    print(f"{'encoder addmm (floor)':<22}{floor:>12.4f}{'':>10}{1.0:>10.2f}")
+    rows = [("floor_unfused", "encoder mm + bias")]
+    rows += [(f"part/{part}", f"poly part: {part}") for part in ("selection", "retraction", "adam")]
+    for key, label in rows:
+        print(f"{label:<22}{times[key]:>12.4f}{'':>10}{times[key] / floor:>10.2f}")
     for kind in ("train", "infer"):
         base = times.get(f"{kind}/topk")
         for c in CONTENDERS:
@@ -189,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = 2 if args.quick else args.repeats
     print(
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, autocast={args.autocast}"
+        f"{cpu_model()} ({os.cpu_count()} logical CPUs), autocast={args.autocast}"
     )
     for shape in shapes:
         times = time_shape(shape, repeats, args.autocast)
