@@ -78,7 +78,14 @@ def build(contender: str, shape: Shape, training: bool, autocast: bool = False) 
                 )
             )
         return TopKSAE(TopKSAEConfig(d_in=shape.d_in, d_sae=shape.d_sae, k=shape.k))
-    kwargs = {"d_in": shape.d_in, "d_sae": shape.d_sae, "k": shape.k, "poly_ranks": shape.ranks}
+    kwargs: dict[str, Any] = {
+        "d_in": shape.d_in,
+        "d_sae": shape.d_sae,
+        "k": shape.k,
+        "poly_ranks": shape.ranks,
+    }
+    if training and contender == "poly_every4":
+        kwargs["stiefel_every_n_steps"] = 4
     sae = (
         PolyTopKTrainingSAE(PolyTrainCfg(**kwargs))
         if training
