@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -180,7 +181,7 @@ def test_topk_indices_keeps_topks_values_with_ties_and_masked_entries() -> None:
 
 def test_topk_activation_matches_saelens_topk_values_and_gradients() -> None:
     x = _rand(6, 3, 320, seed=12).requires_grad_()
-    ours = topk_activation(x, 8)
+    ours = topk_activation(x, 8).acts_BF
     theirs = TopK(8)(x)
     torch.testing.assert_close(ours, theirs)
     upstream = _rand(6, 3, 320, seed=13)
@@ -318,6 +319,62 @@ def test_inference_encode_matches_saelens_topk_encode_with_hooks() -> None:
     torch.testing.assert_close(fast, sae.encode(x))
     assert len(seen) == 2 and fast.shape == (5, 3, 256)
     assert int((fast != 0).sum(-1).max()) <= 6
+
+
+def _inference_sae(sparse_kernels: bool = True) -> polysae_lens.PolyTopKSAE:
+    torch.manual_seed(0)
+    cfg = polysae_lens.PolyTopKSAEConfig(d_in=D_IN, d_sae=256, k=6, poly_ranks=(12, 5, 3))
+    sae = randomize_(polysae_lens.PolyTopKSAE(cfg))
+    sae.sparse_kernels = sparse_kernels
+    return sae  # type: ignore[return-value]
+
+
+def _forbid_nonzero_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("decode searched for the nonzeros of a code it encoded")
+
+    monkeypatch.setattr(polysae_lens.sae, "code_if_sparse", fail)
+
+
+def test_decoding_the_code_just_encoded_reuses_its_selection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sae = _inference_sae()
+    x = _rand(5, 3, D_IN, seed=27).float().requires_grad_()
+    reference = _inference_sae(sparse_kernels=False)
+    expected = reference.decode(reference.encode(x))
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    _forbid_nonzero_search(monkeypatch)
+    out = sae(x)  # SAELens's forward: decode(encode(x))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(sae(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["in_place", "other_tensor", "inference_mode"])
+def test_a_changed_or_different_code_is_searched_for_its_nonzeros(change: str) -> None:
+    sae = _inference_sae()
+    dense = _inference_sae(sparse_kernels=False)
+    x = _rand(6, D_IN, seed=28).float()
+    context = torch.inference_mode() if change == "inference_mode" else torch.no_grad()
+    with context:
+        z = sae.encode(x)
+        if change == "in_place":
+            z[:, 0] += 1.0  # a latent most rows did not select
+        elif change == "other_tensor":
+            z = sae.encode(x).roll(1, dims=0)  # remembered codes are matched by identity
+        torch.testing.assert_close(sae.decode(z), dense.decode(z), rtol=1e-5, atol=1e-6)
+
+
+def test_an_inference_sae_that_remembers_a_code_still_deep_copies() -> None:
+    sae = _inference_sae()
+    sae.encode(_rand(4, D_IN, seed=29).float())
+    assert sae._last_encoded is not None
+    twin = copy.deepcopy(sae)
+    x = _rand(4, D_IN, seed=30).float()
+    torch.testing.assert_close(twin(x), sae(x))
 
 
 def test_dense_codes_take_the_dense_decode() -> None:

@@ -18,6 +18,7 @@ R rank).
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Generator
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
@@ -60,6 +61,7 @@ from polysae_lens.polynomial import (
 from polysae_lens.sparse import (
     SparseCode,
     code_from_positions,
+    code_from_rows,
     code_if_sparse,
     gather_preacts,
     project_sparse,
@@ -73,6 +75,15 @@ logger = logging.getLogger(__name__)
 
 SPARSE_DENSITY = 0.125
 """Codes with at most this fraction of nonzeros are decoded with the sparse kernels."""
+
+
+class _EncodedCode(NamedTuple):
+    """The last code an inference PolySAE encoded: which tensor, at which
+    version, and each row's selected latents."""
+
+    acts_ref: weakref.ref[Tensor]
+    version: int
+    cols_BK: Tensor
 
 
 class EncoderInput(NamedTuple):
@@ -197,11 +208,41 @@ class PolyDecoderMixin(_Base):
 
     def _project(self, feature_acts: Tensor) -> Tensor:
         """``z @ U``, from the active rows of U when the code is sparse enough."""
+        known = self._known_code(feature_acts)
+        if known is not None:
+            return project_sparse(known, self.U)
         if self.sparse_kernels and not feature_acts.is_sparse and _may_be_sparse(feature_acts):
             code = code_if_sparse(feature_acts, max_density=SPARSE_DENSITY)
             if code is not None:
                 return project_sparse(code, self.U)
         return project(feature_acts, self.U)
+
+    _last_encoded: _EncodedCode | None = None
+
+    def _remember_code(self, acts_BF: Tensor, cols_BK: Tensor) -> None:
+        """Remember where the code this SAE just encoded may be nonzero, so
+        decoding that very tensor skips the search for its nonzeros. Tensors
+        made under ``torch.inference_mode`` have no version counter to tell
+        whether they were modified since, so they are not remembered."""
+        if acts_BF.is_inference():
+            self._last_encoded = None
+            return
+        self._last_encoded = _EncodedCode(weakref.ref(acts_BF), acts_BF._version, cols_BK)
+
+    def _known_code(self, feature_acts: Tensor) -> SparseCode | None:
+        """The code of ``feature_acts`` if it is the tensor this SAE last encoded,
+        unmodified since (same object and version counter), else None. Its values
+        are read from ``feature_acts`` now, so gradients flow to it."""
+        known = self._last_encoded
+        if (
+            known is None
+            or known.acts_ref() is not feature_acts
+            or feature_acts._version != known.version
+        ):
+            return None
+        z_2d = feature_acts.reshape(-1, feature_acts.shape[-1])
+        code = code_from_rows(known.cols_BK, z_2d.gather(1, known.cols_BK), z_2d.shape[-1])
+        return code._replace(batch_shape=feature_acts.shape[:-1])
 
     # ---- folds -----------------------------------------------------------
 
@@ -452,9 +493,10 @@ class PolyTopKSAE(PolyDecoderMixin, TopKSAE):
             return super().encode(x)
         sae_in = self.process_sae_in(x)
         hidden_pre = _encoder_preacts(sae_in, self.W_enc, self.b_enc)
-        return self.hook_sae_acts_post(
-            topk_activation(self.hook_sae_acts_pre(hidden_pre), activation.k)
-        )
+        selected = topk_activation(self.hook_sae_acts_pre(hidden_pre), activation.k)
+        acts = self.hook_sae_acts_post(selected.acts_BF)
+        self._remember_code(acts, selected.cols_BK)
+        return acts
 
 
 class PolyTopKTrainingSAE(PolyTrainingMixin, TopKTrainingSAE):

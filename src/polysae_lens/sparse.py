@@ -292,7 +292,17 @@ def select_topk(hidden_pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return rows_N, cols_BK.reshape(-1)
 
 
-def topk_activation(x_BF: Tensor, k: int) -> Tensor:
+class TopKActivation(NamedTuple):
+    """The output of :func:`topk_activation` and where its nonzeros may be."""
+
+    acts_BF: Tensor
+    """The dense activations, shaped like the input."""
+    cols_BK: Tensor
+    """Each row's k selected latents [rows, k] over the input's 2-D view (ReLU may
+    have zeroed some of them)."""
+
+
+def topk_activation(x_BF: Tensor, k: int) -> TopKActivation:
     """SAELens's TopK activation (each row's k largest entries, ReLU'd, in a
     dense zero tensor) with :func:`topk_indices` selecting: the same output, ties
     aside, differentiable in ``x``."""
@@ -300,7 +310,7 @@ def topk_activation(x_BF: Tensor, k: int) -> Tensor:
     cols_BK = topk_indices(x_2d, k)
     # in place into fresh zeros: the out-of-place scatter would copy them first
     acts_BF = torch.zeros_like(x_2d).scatter_(1, cols_BK, x_2d.gather(1, cols_BK).relu())
-    return acts_BF.reshape(x_BF.shape)
+    return TopKActivation(acts_BF.reshape(x_BF.shape), cols_BK)
 
 
 TOPK_GROUP = 8
