@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from typing import Any
@@ -23,9 +24,14 @@ import torch
 from sae_lens import SAETrainer
 from sae_lens.config import SAETrainerConfig
 from sae_lens.synthetic import ActivationGenerator, FeatureDictionary
+from sae_lens.training import sae_trainer as sae_trainer_module
+from tqdm.auto import tqdm
 
 from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig, orthogonality_error
 from polysae_lens.stiefel import RETRACTIONS, cholesky_qr_retract, qr_retract
+
+# SAETrainer's progress bar would interleave with the table
+sae_trainer_module.tqdm = functools.partial(tqdm, disable=True)  # type: ignore[attr-defined]
 
 
 def time_retractions(d_sae: int, rank: int, repeats: int) -> dict[str, float]:

@@ -21,6 +21,7 @@ minus its size before building it. ``poly_every4`` retracts every 4th step.
 
     python benchmarks/training_step.py            # GPT-2 small shape and a small shape
     python benchmarks/training_step.py --quick    # tiny shapes, a smoke run
+    python benchmarks/training_step.py --autocast --shapes small   # bf16 autocast
 """
 
 from __future__ import annotations
@@ -227,11 +228,18 @@ def report(shape: Shape, times: dict[str, float], memory: dict[str, float] | Non
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shape, few repeats")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=sorted(SHAPES),
+        default=["gpt2", "small"],
+        help="shapes to measure (default: gpt2 small)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast training steps")
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args(argv)
-    shapes = [SHAPES["tiny"]] if args.quick else [SHAPES["gpt2"], SHAPES["small"]]
+    shapes = [SHAPES["tiny"]] if args.quick else [SHAPES[name] for name in args.shapes]
     repeats = 2 if args.quick else args.repeats
     print(
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
