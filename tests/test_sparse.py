@@ -351,6 +351,12 @@ def test_decoding_the_code_just_encoded_reuses_its_selection(
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(sae(x), expected, rtol=1e-5, atol=1e-6)
+        z = sae.encode(x)
+        remembered = sae.decode(z)
+    # the same sums in the same order as decoding a code found by searching
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert torch.equal(remembered, sae.decode(z.clone()))
 
 
 @pytest.mark.parametrize("change", ["in_place", "other_tensor", "inference_mode"])

@@ -227,6 +227,10 @@ class PolyDecoderMixin(_Base):
         if acts_BF.is_inference():
             self._last_encoded = None
             return
+        # latents in ascending order, as a search for the nonzeros finds them: the
+        # decode then sums in the same order, bit for bit (a training SAE in eval
+        # mode and its saved inference model agree exactly)
+        cols_BK = cols_BK.sort(dim=-1).values
         self._last_encoded = _EncodedCode(weakref.ref(acts_BF), acts_BF._version, cols_BK)
 
     def _known_code(self, feature_acts: Tensor) -> SparseCode | None:
