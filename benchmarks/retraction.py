@@ -1,7 +1,9 @@
 """Cost and effect of the Stiefel retraction.
 
 1. Time of one retraction of U [16384, 768] (the GPT-2 small shape): Householder
-   QR against Cholesky-QR (the same Q factor), medians over repeats.
+   QR against Cholesky-QR (the same Q factor), medians over repeats; and how
+   orthonormal one Cholesky-QR pass leaves U as cond(U^T U) grows (why one pass
+   is enough near the manifold).
 2. Training effect of retracting every n steps: a TopK PolySAE trained by
    SAELens's ``SAETrainer`` on ``sae_lens.synthetic`` activations with
    ``stiefel_every_n_steps`` in {1, 4, 16} (and Householder QR at n = 1), the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import statistics
 import time
 from typing import Any
@@ -28,7 +31,13 @@ from sae_lens.training import sae_trainer as sae_trainer_module
 from tqdm.auto import tqdm
 
 from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig, orthogonality_error
-from polysae_lens.stiefel import RETRACTIONS, cholesky_qr_retract, qr_retract
+from polysae_lens.stiefel import (
+    RETRACTIONS,
+    cholesky_qr_retract,
+    qr_retract,
+    symmetric_gram,
+    times_upper_triangular_,
+)
 
 # SAETrainer's progress bar would interleave with the table
 sae_trainer_module.tqdm = functools.partial(tqdm, disable=True)  # type: ignore[attr-defined]
@@ -48,6 +57,34 @@ def time_retractions(d_sae: int, rank: int, repeats: int) -> dict[str, float]:
     q_chol, q_house = cholesky_qr_retract(U), qr_retract(U)
     print(f"max |Q_cholesky - Q_householder| = {(q_chol - q_house).abs().max().item():.2e}")
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def one_pass_accuracy(d_sae: int, rank: int) -> list[tuple[float, float, float, float]]:
+    """Orthogonality of ONE CholeskyQR pass, and its distance to Householder's Q,
+    for U with cond(U^T U) from 1 to 900 (singular values spread log-uniformly):
+    rows of (cond(U^T U), max |Q^T Q - I| for one pass and for Householder QR,
+    max |Q - Q_householder|)."""
+    gen = torch.Generator().manual_seed(1)
+    Q0 = qr_retract(torch.randn(d_sae, rank, generator=gen))
+    V = qr_retract(torch.randn(rank, rank, generator=gen))
+    rows = []
+    for gram_condition in (1.0, 4.0, 100.0, 900.0):
+        singular_values = torch.logspace(0, 0.5 * math.log10(gram_condition), rank)
+        U = (Q0 * singular_values) @ V.T
+        L = torch.linalg.cholesky(symmetric_gram(U))
+        L_inv = torch.linalg.solve_triangular(L, torch.eye(rank), upper=False)
+        Q = times_upper_triangular_(U.clone(), L_inv.T)
+        householder = qr_retract(U)
+        error = (Q - householder).abs().max().item()
+        rows.append(
+            (
+                gram_condition,
+                orthogonality_error(Q).item(),
+                orthogonality_error(householder).item(),
+                error,
+            )
+        )
+    return rows
 
 
 def train_variant(every_n: int, method: str, steps: int, d_in: int, d_sae: int) -> dict[str, Any]:
@@ -97,6 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n## one retraction of U {list(shape)} (median of {2 if args.quick else 5})")
     for name, seconds in time_retractions(*shape, repeats=2 if args.quick else 5).items():
         print(f"{name:<14}{seconds:>10.3f} s")
+    print(f"\n## one CholeskyQR pass on U {list(shape)} (a second runs above cond 3)")
+    print(f"{'cond(U^T U)':>12}{'orth err':>12}{'Householder':>14}{'|Q - Q_H|':>12}")
+    for condition, orth_error, householder_error, q_error in one_pass_accuracy(*shape):
+        print(f"{condition:>12.0f}{orth_error:>12.2e}{householder_error:>14.2e}{q_error:>12.2e}")
     steps, d_in, d_sae = (200, 16, 128) if args.quick else (3000, 64, 1024)
     print(f"\n## training: d_in {d_in}, d_sae {d_sae}, k 8, {steps} steps of 512, lr 3e-4")
     print(f"{'variant':<22}{'held-out MSE':>14}{'max orth err':>14}{'ms/step':>10}")

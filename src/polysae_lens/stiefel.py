@@ -103,8 +103,9 @@ def _cholesky_qr_(Q_FR: Tensor) -> Tensor:
 
 ONE_PASS_MAX_DEVIATION = 0.5
 """Largest ||U^T U - I||_2 for which one CholeskyQR pass is used: cond(U^T U) is
-then at most 3, while one pass stays as orthonormal as Householder QR up to
-cond(U^T U) ~ 100 in float32 (``benchmarks/retraction.py`` prints both)."""
+then at most 3, while one pass leaves U within about twice Householder QR's
+float32 orthogonality error up to cond(U^T U) ~ 100 (``benchmarks/retraction.py``
+prints the table)."""
 
 
 def _needs_second_pass(deviation_RR: Tensor, iterations: int = 16) -> bool:
