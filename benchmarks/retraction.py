@@ -33,10 +33,9 @@ from tqdm.auto import tqdm
 from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig, orthogonality_error
 from polysae_lens.stiefel import (
     RETRACTIONS,
+    cholesky_qr_pass_,
     cholesky_qr_retract,
     qr_retract,
-    symmetric_gram,
-    times_upper_triangular_,
 )
 
 # SAETrainer's progress bar would interleave with the table
@@ -71,9 +70,8 @@ def one_pass_accuracy(d_sae: int, rank: int) -> list[tuple[float, float, float, 
     for gram_condition in (1.0, 4.0, 100.0, 900.0):
         singular_values = torch.logspace(0, 0.5 * math.log10(gram_condition), rank)
         U = (Q0 * singular_values) @ V.T
-        L = torch.linalg.cholesky(symmetric_gram(U))
-        L_inv = torch.linalg.solve_triangular(L, torch.eye(rank), upper=False)
-        Q = times_upper_triangular_(U.clone(), L_inv.T)
+        Q = U.clone()
+        assert cholesky_qr_pass_(Q)
         householder = qr_retract(U)
         error = (Q - householder).abs().max().item()
         rows.append(

@@ -153,13 +153,9 @@ def _latent_sums(
 ) -> Tensor:
     """The sums of latents ``[start, stop)`` [stop - start, D]: one bag per latent."""
     crow = by_latent.crow_F1
-    if start == 0 and stop == crow.shape[0] - 1:
-        entries = slice(None)
-        offsets = crow[:-1]
-    else:
-        first, last = int(crow[start]), int(crow[stop])
-        entries = slice(first, last)
-        offsets = crow[start:stop] - first
+    first, last = int(crow[start]), int(crow[stop])
+    entries = slice(first, last)
+    offsets = crow[start:stop] - first
     return F.embedding_bag(
         by_latent.rows_N[entries],
         X_BD,

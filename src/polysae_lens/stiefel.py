@@ -41,8 +41,7 @@ def qr_retract(U_FR: Tensor) -> Tensor:
 def cholesky_qr_retract(U_FR: Tensor) -> Tensor:
     """The same Q factor as :func:`qr_retract`, from Gram matrices (CholeskyQR);
     a new tensor in U's dtype (see :func:`cholesky_qr_retract_`)."""
-    Q_FR = U_FR.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    return _cholesky_qr_(Q_FR).to(U_FR.dtype)
+    return cholesky_qr_retract_(U_FR.detach().clone(memory_format=torch.contiguous_format))
 
 
 def cholesky_qr_retract_(U_FR: Tensor) -> Tensor:
@@ -76,29 +75,40 @@ def qr_retract_(U_FR: Tensor) -> Tensor:
 
 def _cholesky_qr_(Q_FR: Tensor) -> Tensor:
     """CholeskyQR(2) of a float32 contiguous matrix, in place."""
-    eye_RR = torch.eye(Q_FR.shape[1], device=Q_FR.device)
-    passes = 2
-    while passes > 0:
-        gram_RR = symmetric_gram(Q_FR)
-        if passes == 2 and not _needs_second_pass(gram_RR - eye_RR):
-            passes = 1
-        passes -= 1
-        L_RR, info = torch.linalg.cholesky_ex(gram_RR)
-        if int(info) != 0:
-            # Q still spans U's columns with the same orientation (the first pass
+    gram_RR = symmetric_gram(Q_FR)
+    eye_RR = torch.eye(gram_RR.shape[0], device=gram_RR.device)
+    passes = 2 if _needs_second_pass(gram_RR - eye_RR) else 1
+    for index in range(passes):
+        if index > 0:
+            gram_RR = symmetric_gram(Q_FR)
+        if not cholesky_qr_pass_(Q_FR, gram_RR):
+            # Q still spans U's columns with the same orientation (a first pass
             # multiplies by an upper triangular matrix with a positive diagonal),
             # so Householder QR of Q gives U's Q factor.
             logger.warning(
                 "Cholesky-QR retraction failed (U is far from full rank); using Householder QR."
             )
             return qr_retract_(Q_FR)
-        # Q L^-T as a product with the small inverse: a triangular solve against
-        # the tall Q (trsm) is up to 2x slower than a matmul on CPU. L is well
-        # conditioned whenever the Cholesky succeeds on a near-orthonormal U, and
-        # the second pass absorbs the first pass's rounding either way.
-        L_inv_RR = torch.linalg.solve_triangular(L_RR, eye_RR, upper=False)
-        times_upper_triangular_(Q_FR, L_inv_RR.T)
     return Q_FR
+
+
+def cholesky_qr_pass_(Q_FR: Tensor, gram_RR: Tensor | None = None) -> bool:
+    """One CholeskyQR pass in place: ``Q <- Q L^-T`` with ``L L^T = Q^T Q``
+    (``gram_RR``, computed here if not given). Returns False, leaving Q
+    untouched, if the Gram matrix is not numerically positive definite."""
+    if gram_RR is None:
+        gram_RR = symmetric_gram(Q_FR)
+    L_RR, info = torch.linalg.cholesky_ex(gram_RR)
+    if int(info) != 0:
+        return False
+    # Q L^-T as a product with the small inverse: a triangular solve against the
+    # tall Q (trsm) is up to 2x slower than a matmul on CPU. L is well
+    # conditioned whenever the Cholesky succeeds on a near-orthonormal U, and a
+    # second pass absorbs the first pass's rounding either way.
+    eye_RR = torch.eye(L_RR.shape[0], device=L_RR.device)
+    L_inv_RR = torch.linalg.solve_triangular(L_RR, eye_RR, upper=False)
+    times_upper_triangular_(Q_FR, L_inv_RR.T)
+    return True
 
 
 ONE_PASS_MAX_DEVIATION = 0.5
