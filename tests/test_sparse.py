@@ -336,27 +336,33 @@ def _forbid_nonzero_search(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(polysae_lens.sae, "code_if_sparse", fail)
 
 
-def test_decoding_the_code_just_encoded_reuses_its_selection(
+def test_forward_reuses_the_selection_and_matches_a_searched_decode_bit_for_bit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sae = _inference_sae()
-    x = _rand(5, 3, D_IN, seed=27).float().requires_grad_()
+    x = _rand(5, 3, D_IN, seed=27).float()
     reference = _inference_sae(sparse_kernels=False)
+    with torch.no_grad():
+        expected = reference.decode(reference.encode(x))
+        z = sae.encode(x)
+        searched = sae.decode(z)  # outside forward: the code is searched
+        _forbid_nonzero_search(monkeypatch)
+        out = sae(x)  # SAELens's forward: decode(encode(x)), selection reused
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # the same sums in the same order as decoding a code found by searching
+    assert torch.equal(out, searched)
+
+
+def test_forward_with_gradients_matches_the_dense_decode() -> None:
+    sae = _inference_sae()
+    reference = _inference_sae(sparse_kernels=False)
+    x = _rand(5, 3, D_IN, seed=27).float().requires_grad_()
     expected = reference.decode(reference.encode(x))
     (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
-    _forbid_nonzero_search(monkeypatch)
-    out = sae(x)  # SAELens's forward: decode(encode(x))
+    out = sae(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     (grad,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():
-        torch.testing.assert_close(sae(x), expected, rtol=1e-5, atol=1e-6)
-        z = sae.encode(x)
-        remembered = sae.decode(z)
-    # the same sums in the same order as decoding a code found by searching
-    monkeypatch.undo()
-    with torch.no_grad():
-        assert torch.equal(remembered, sae.decode(z.clone()))
 
 
 @pytest.mark.parametrize("change", ["in_place", "other_tensor", "inference_mode"])
@@ -370,14 +376,14 @@ def test_a_changed_or_different_code_is_searched_for_its_nonzeros(change: str) -
         if change == "in_place":
             z[:, 0] += 1.0  # a latent most rows did not select
         elif change == "other_tensor":
-            z = sae.encode(x).roll(1, dims=0)  # remembered codes are matched by identity
+            z = sae.encode(x).roll(1, dims=0)
         torch.testing.assert_close(sae.decode(z), dense.decode(z), rtol=1e-5, atol=1e-6)
 
 
-def test_an_inference_sae_that_remembers_a_code_still_deep_copies() -> None:
+def test_an_inference_sae_still_deep_copies_after_a_forward() -> None:
     sae = _inference_sae()
-    sae.encode(_rand(4, D_IN, seed=29).float())
-    assert sae._last_encoded is not None
+    with torch.no_grad():
+        sae(_rand(4, D_IN, seed=29).float())
     twin = copy.deepcopy(sae)
     x = _rand(4, D_IN, seed=30).float()
     torch.testing.assert_close(twin(x), sae(x))

@@ -18,7 +18,6 @@ R rank).
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable, Generator
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
@@ -64,12 +63,13 @@ from polysae_lens.sparse import (
     code_from_rows,
     code_if_sparse,
     gather_preacts,
+    needs_exact_autograd,
     project_sparse,
     select_batch_topk,
     select_topk,
     topk_activation,
 )
-from polysae_lens.stiefel import orthogonality_error, qr_retract, track_for_retraction
+from polysae_lens.stiefel import orthogonality_error, track_for_retraction
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +77,11 @@ SPARSE_DENSITY = 0.125
 """Codes with at most this fraction of nonzeros are decoded with the sparse kernels."""
 
 
-class _EncodedCode(NamedTuple):
-    """The last code an inference PolySAE encoded: which tensor, at which
-    version, and each row's selected latents."""
+class _Selection(NamedTuple):
+    """The code :meth:`PolyTopKSAE.encode` made inside :meth:`forward`, and each
+    row's selected latents (ascending), for the decode that follows it."""
 
-    acts_ref: weakref.ref[Tensor]
-    version: int
+    acts_BF: Tensor
     cols_BK: Tensor
 
 
@@ -207,46 +206,55 @@ class PolyDecoderMixin(_Base):
         return terms_from_projection(self._project(feature_acts), self.decoder_weights).total()
 
     def _project(self, feature_acts: Tensor) -> Tensor:
-        """``z @ U``, from the active rows of U when the code is sparse enough."""
-        known = self._known_code(feature_acts)
-        if known is not None:
-            return project_sparse(known, self.U)
-        if self.sparse_kernels and not feature_acts.is_sparse and _may_be_sparse(feature_acts):
+        """``z @ U``, from the active rows of U when the code is sparse enough.
+
+        The sparse kernels differentiate only through the code's nonzeros, so a
+        code that needs gradients (or runs under a ``torch.func`` transform or
+        forward-mode AD) takes the dense product, whose autograd is exactly the
+        formula's at every entry, zeros included.
+        """
+        selection, self._forward_selection = self._forward_selection, None
+        if not self.sparse_kernels or feature_acts.is_sparse or needs_exact_autograd(feature_acts):
+            return project(feature_acts, self.U)
+        if selection is not None and selection.acts_BF is feature_acts:
+            z_2d = feature_acts.reshape(-1, feature_acts.shape[-1])
+            selected = code_from_rows(
+                selection.cols_BK, z_2d.gather(1, selection.cols_BK), z_2d.shape[-1]
+            )
+            return project_sparse(selected._replace(batch_shape=feature_acts.shape[:-1]), self.U)
+        if _may_be_sparse(feature_acts):
             code = code_if_sparse(feature_acts, max_density=SPARSE_DENSITY)
             if code is not None:
                 return project_sparse(code, self.U)
         return project(feature_acts, self.U)
 
-    _last_encoded: _EncodedCode | None = None
+    _forward_selection: _Selection | None = None
+    _in_forward: bool = False
 
-    def _remember_code(self, acts_BF: Tensor, cols_BK: Tensor) -> None:
-        """Remember where the code this SAE just encoded may be nonzero, so
-        decoding that very tensor skips the search for its nonzeros. Tensors
-        made under ``torch.inference_mode`` have no version counter to tell
-        whether they were modified since, so they are not remembered."""
-        if acts_BF.is_inference():
-            self._last_encoded = None
-            return
-        # latents in ascending order, as a search for the nonzeros finds them: the
-        # decode then sums in the same order, bit for bit (a training SAE in eval
-        # mode and its saved inference model agree exactly)
-        cols_BK = cols_BK.sort(dim=-1).values
-        self._last_encoded = _EncodedCode(weakref.ref(acts_BF), acts_BF._version, cols_BK)
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        """SAELens's forward. Inside it (only), decoding the code that
+        :meth:`encode` just made may reuse the encoder's selection instead of
+        searching the code for its nonzeros: SAELens's forward hands encode's
+        output straight to decode, and when ``hook_sae_acts_post`` has no hooks
+        no code runs in between that could change the code (a write through
+        ``.data`` or ``.numpy()`` would be invisible to a version counter)."""
+        if self._in_forward:
+            return super().forward(x)
+        self._in_forward = True
+        try:
+            return super().forward(x)
+        finally:
+            self._in_forward = False
+            self._forward_selection = None
 
-    def _known_code(self, feature_acts: Tensor) -> SparseCode | None:
-        """The code of ``feature_acts`` if it is the tensor this SAE last encoded,
-        unmodified since (same object and version counter), else None. Its values
-        are read from ``feature_acts`` now, so gradients flow to it."""
-        known = self._last_encoded
-        if (
-            known is None
-            or known.acts_ref() is not feature_acts
-            or feature_acts._version != known.version
-        ):
-            return None
-        z_2d = feature_acts.reshape(-1, feature_acts.shape[-1])
-        code = code_from_rows(known.cols_BK, z_2d.gather(1, known.cols_BK), z_2d.shape[-1])
-        return code._replace(batch_shape=feature_acts.shape[:-1])
+    def _offer_selection(self, acts_BF: Tensor, cols_BK: Tensor) -> None:
+        """Let the decode that follows in :meth:`forward` reuse this selection
+        (see there); nothing is kept outside forward or when a hook could edit
+        the code. Latents in ascending order, as a search for the nonzeros finds
+        them: the decode then sums in the same order, bit for bit."""
+        if self._in_forward and not _hooked(self.hook_sae_acts_post):
+            self._forward_selection = _Selection(acts_BF, cols_BK.sort(dim=-1).values)
 
     # ---- folds -----------------------------------------------------------
 
@@ -499,7 +507,7 @@ class PolyTopKSAE(PolyDecoderMixin, TopKSAE):
         hidden_pre = _encoder_preacts(sae_in, self.W_enc, self.b_enc)
         selected = topk_activation(self.hook_sae_acts_pre(hidden_pre), activation.k)
         acts = self.hook_sae_acts_post(selected.acts_BF)
-        self._remember_code(acts, selected.cols_BK)
+        self._offer_selection(acts, selected.cols_BK)
         return acts
 
 
@@ -818,8 +826,11 @@ def _may_be_sparse(z: Tensor) -> bool:
 
 def _has_hooks(sae: nn.Module) -> bool:
     """Whether any HookPoint of the SAE has hooks (the sparse step skips them)."""
-    hooks: list[nn.Module] = list(getattr(sae, "hook_dict", {}).values())
-    return any(h._forward_hooks or h._forward_pre_hooks or h._backward_hooks for h in hooks)
+    return any(_hooked(h) for h in getattr(sae, "hook_dict", {}).values())
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
 
 def _check_state_dict(module: nn.Module, state_dict: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -239,6 +240,23 @@ def code_if_sparse(z_BF: Tensor, max_density: float) -> SparseCode | None:
         rows_N, cols_N, flat_z.index_select(0, flat_N), torch.Size([flat_z.numel() // d_sae, d_sae])
     )
     return code._replace(batch_shape=batch_shape)
+
+
+def needs_exact_autograd(z_BF: Tensor) -> bool:
+    """Whether a dense code must be projected densely to keep the formula's
+    derivatives: the sparse kernels differentiate only through its nonzeros
+    (zero gradient at every inactive latent), and they do not support
+    ``torch.func`` transforms or forward-mode AD.
+
+    True when ``z`` needs a gradient (grad mode on and ``z.requires_grad``),
+    under any ``torch.func`` transform (jacrev, jvp, vmap, hessian, ...), and
+    when ``z`` carries a forward-mode tangent.
+    """
+    if torch.is_grad_enabled() and z_BF.requires_grad:
+        return True
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return fwAD._current_level >= 0 and fwAD.unpack_dual(z_BF).tangent is not None
 
 
 def project_sparse(code: SparseCode, U_FR: Tensor) -> Tensor:

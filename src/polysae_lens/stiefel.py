@@ -223,14 +223,23 @@ def project_to_tangent(U_FR: Tensor, V_FR: Tensor) -> Tensor:
 # exactly a per-parameter learning rate, following any schedule) and then retract
 # U. Optimizers that update no PolySAE cost one dict lookup per step.
 
-_TRACKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-_TARGETS: weakref.WeakKeyDictionary[Optimizer, list[weakref.ref[nn.Module]]] = (
-    weakref.WeakKeyDictionary()
+#
+# This state must survive ``importlib.reload`` of this module (what notebook
+# autoreload does): a reload re-runs the file in the same namespace while the
+# hooks registered with torch stay, so a fresh set would forget every PolySAE
+# built before it (they would no longer be retracted) and the hooks would be
+# registered twice. Each name is therefore bound only if it is not bound yet.
+# (A re-import under a new module object has its own state and its own hooks,
+# and the old hooks keep serving the SAEs built by the old classes.)
+
+_TRACKED: weakref.WeakSet[nn.Module] = globals().get("_TRACKED", weakref.WeakSet())
+_TARGETS: weakref.WeakKeyDictionary[Optimizer, list[weakref.ref[nn.Module]]] = globals().get(
+    "_TARGETS", weakref.WeakKeyDictionary()
 )
 _SNAPSHOTS: weakref.WeakKeyDictionary[Optimizer, list[tuple[Tensor, Tensor, float]]] = (
-    weakref.WeakKeyDictionary()
+    globals().get("_SNAPSHOTS", weakref.WeakKeyDictionary())
 )
-_global_hooks: tuple[RemovableHandle, RemovableHandle] | None = None
+_global_hooks: tuple[RemovableHandle, RemovableHandle] | None = globals().get("_global_hooks")
 
 
 def track_for_retraction(sae: nn.Module) -> None:
