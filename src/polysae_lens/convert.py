@@ -6,8 +6,13 @@ architectures ``poly_topk`` / ``poly_jumprelu`` (inference) and
 ``poly_ranks``, ``poly_order``, ``shared_u``, ``lambda2_init``,
 ``lambda3_init``, ``k``, ``rescale_acts_by_decoder_norm``; state keys
 ``U_shared`` [d_sae, R1], ``C1``/``C2``/``C3`` as [d_in, R] (ours are [R, d_in]),
-an unused random ``W_dec`` and zero buffers ``U1``/``U2``/``U3``. Its decoder is
-the same formula with ``a = z @ U_shared``, so the conversion is exact.
+an unused random ``W_dec`` and zero buffers ``U1``/``U2``/``U3``. Below order 2
+it also saves zero buffers ``C2``/``lambda2``, below order 3 ``C3``/``lambda3``.
+Its decoder is the same formula with ``a = z @ U_shared``, so the converted
+model's latents are bit-identical to the fork's, and its reconstructions equal the
+fork's up to float rounding: the bias and the terms are summed in another order,
+so at order 2 and 3 entries differ by at most a few ulps of the largest entry's
+magnitude (measured: at most 2 ulps in float32; bit-identical at order 1).
 
 Use the loaders as SAELens converters::
 
@@ -42,6 +47,11 @@ FORK_ARCHITECTURES = {
 """Fork architecture name -> polysae-lens architecture name."""
 
 _DROPPED_KEYS = ("W_dec", "U1", "U2", "U3")
+_TERM_KEYS = {2: ("C2", "lambda2"), 3: ("C3", "lambda3")}
+"""Order -> the keys of its term; the fork saves them as zero buffers above its order."""
+_FORK_DEFAULT_ORDER = 3  # the fork config's default poly_order
+_RESCALED_W_DEC_RTOL = 1e-2  # bf16 rounding passes; a random placeholder is O(1) away
+_ORTHONORMAL_ATOL = 1e-3
 _RENAMED_KEYS = {"U_shared": "U"}
 _TRANSPOSED_KEYS = ("C1", "C2", "C3")
 _FORK_ONLY_CFG_KEYS = ("poly_rank", "shared_u")
@@ -52,10 +62,17 @@ def convert_fork_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A fork checkpoint's (cfg, weights) in polysae-lens layout.
 
+    The converted model's latents are bit-identical to the fork's; its
+    reconstructions equal the fork's up to float rounding (a few ulps of the
+    largest entry, from summing the bias and the terms in another order).
+
     Raises ``ValueError`` for what cannot be converted faithfully: an unknown
-    architecture, a non-shared U, or ``rescale_acts_by_decoder_norm=True`` (the
-    fork's training ranks latents by one decoder norm while its saved model folds
-    another, so such a checkpoint does not hold the model that was trained).
+    architecture, a non-shared U, a nonzero ``C2``/``lambda2``/``C3``/``lambda3``
+    above ``poly_order``, or a model trained with ``rescale_acts_by_decoder_norm=True``
+    (the fork's training ranks latents by one decoder norm while its saved model
+    folds another, so such a checkpoint does not hold the model that was trained).
+    Its training checkpoints say so in cfg.json; its BatchTopK/Matryoshka inference
+    saves do not, and are recognised by their weights (see :func:`_check_not_rescaled`).
     """
     arch = cfg_dict.get("architecture")
     if arch in FORK_ARCHITECTURES.values() and "U" in state_dict:
@@ -80,14 +97,29 @@ def convert_fork_checkpoint(
             "weights, so the checkpoint does not reproduce the trained model and cannot be "
             "converted faithfully. Retrain with rescale_acts_by_decoder_norm=False."
         )
-    missing = [key for key in ("W_enc", "b_dec", "U_shared", "C1") if key not in state_dict]
+    # the order is the cfg's: the fork saves C2/C3 (as zeros) at every order
+    order = int(cfg_dict.get("poly_order", _FORK_DEFAULT_ORDER))
+    if order not in (1, 2, 3):
+        raise ValueError(f"Fork cfg poly_order={order} is not 1, 2 or 3.")
+    required = ["W_enc", "b_dec", "U_shared", "C1"]
+    required += [key for o in range(2, order + 1) for key in _TERM_KEYS[o]]
+    missing = [key for key in required if key not in state_dict]
     if missing:
-        raise ValueError(f"Fork checkpoint is missing keys {missing}.")
+        raise ValueError(f"Fork checkpoint (poly_order={order}) is missing keys {missing}.")
+    _check_not_rescaled(state_dict)
 
+    unused = [key for o in range(order + 1, 4) for key in _TERM_KEYS[o]]
+    for key in unused:
+        if key in state_dict and state_dict[key].count_nonzero() > 0:
+            raise ValueError(
+                f"Fork checkpoint has poly_order={order} but a nonzero {key!r}, which the "
+                "fork saves as a zero placeholder at this order: the cfg and the weights "
+                "disagree. Fix poly_order in cfg.json to the order the model was trained with."
+            )
     state = {
         _RENAMED_KEYS.get(key, key): value
         for key, value in state_dict.items()
-        if key not in _DROPPED_KEYS
+        if key not in _DROPPED_KEYS and key not in unused
     }
     for key in _TRANSPOSED_KEYS:
         if key in state:
@@ -96,33 +128,79 @@ def convert_fork_checkpoint(
         if key in state:
             state[key] = state[key].reshape(())
 
-    order = int(cfg_dict.get("poly_order", 1 + ("C2" in state) + ("C3" in state)))
-    ranks = (
-        state["U"].shape[1],
-        state["C2"].shape[0] if "C2" in state else state["U"].shape[1],
-        state["C3"].shape[0] if "C3" in state else state["U"].shape[1],
-    )
-    declared = cfg_dict.get("poly_ranks")
-    if declared is not None and order >= 2 and list(declared)[:order] != list(ranks)[:order]:
+    r1 = state["U"].shape[1]
+    declared = _declared_ranks(cfg_dict)
+    ranks = [r1]
+    for o, key in ((2, "C2"), (3, "C3")):
+        if o <= order:
+            ranks.append(state[key].shape[0])
+        elif declared is not None and 1 <= declared[o - 1] <= r1:
+            ranks.append(declared[o - 1])  # unused; kept as the fork's cfg declared it
+        else:
+            ranks.append(r1)
+    if declared is not None and declared[:order] != ranks[:order]:
         raise ValueError(
             f"Fork cfg poly_ranks={declared} disagree with the weight shapes, which imply "
-            f"{list(ranks)}."
+            f"{ranks[:order]} for the terms up to poly_order={order}."
         )
     cfg = {k: v for k, v in cfg_dict.items() if k not in _FORK_ONLY_CFG_KEYS}
     cfg.update(
         architecture=FORK_ARCHITECTURES[arch],
         poly_order=order,
-        poly_ranks=list(ranks),
+        poly_ranks=ranks,
         rescale_acts_by_decoder_norm=False,
     )
     error = orthogonality_error(state["U"]).item()
-    if error > 1e-3:
+    if error > _ORTHONORMAL_ATOL:
         logger.warning(
             "The fork checkpoint's U is not orthonormal (max |U^T U - I| = %.2e); it was "
-            "probably saved before a retraction. Outputs are still converted exactly.",
+            "probably saved before a retraction. It is converted as saved.",
             error,
         )
     return cfg, state
+
+
+def _declared_ranks(cfg_dict: dict[str, Any]) -> list[int] | None:
+    """The fork cfg's (R1, R2, R3): ``poly_ranks``, else ``poly_rank`` for all three."""
+    if cfg_dict.get("poly_ranks") is not None:
+        return [int(r) for r in cfg_dict["poly_ranks"]]
+    if cfg_dict.get("poly_rank") is not None:
+        return [int(cfg_dict["poly_rank"])] * 3
+    return None
+
+
+def _check_not_rescaled(state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse a BatchTopK/Matryoshka inference save of a model trained with
+    ``rescale_acts_by_decoder_norm=True``, whose cfg.json has no rescale field.
+
+    That save divides U_shared's rows by the norms of ``U_shared @ C1^T``'s rows
+    (leaving U not orthonormal) and writes ``W_dec = U_shared @ C1^T``. Both signals
+    are required: a normal checkpoint's ``W_dec`` is the unused random placeholder
+    (or, after the fork's activation-norm fold, ``U_shared @ C1^T`` with unit rows,
+    while U stays orthonormal), and a normal U saved between an optimizer step and
+    the retraction is slightly off orthonormal while its W_dec matches nothing.
+    """
+    if "W_dec" not in state_dict:
+        return
+    U_FR = state_dict["U_shared"].float()
+    linear_FD = U_FR @ state_dict["C1"].float().T
+    W_dec_FD = state_dict["W_dec"].float()
+    if W_dec_FD.shape != linear_FD.shape:
+        return
+    mismatch = (W_dec_FD - linear_FD).norm() / linear_FD.norm().clamp_min(1e-30)
+    if mismatch > _RESCALED_W_DEC_RTOL:
+        return
+    if orthogonality_error(U_FR).item() <= _ORTHONORMAL_ATOL:
+        return
+    raise ValueError(
+        "This fork checkpoint is an inference save of a model trained with "
+        "rescale_acts_by_decoder_norm=True: its W_dec equals U_shared @ C1^T "
+        f"(relative difference {mismatch.item():.1e}) and U_shared is not orthonormal "
+        "(its rows were divided by decoder norms when it was saved). The fork's "
+        "BatchTopK/Matryoshka training ranks latents by one decoder norm but this save "
+        "folds another, so the saved form does not reproduce the trained model, and its "
+        "cfg.json does not record the flag. Retrain with rescale_acts_by_decoder_norm=False."
+    )
 
 
 def fork_disk_loader(
