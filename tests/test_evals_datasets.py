@@ -137,8 +137,14 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
                 if spec.label_map:  # the raw amazon data holds category names
                     label = category_names.get(label, "Books")
                 for i in range(12):
-                    row = {spec.text_column: f"{spec.name} {kwargs['split']} text {i} of {label}"}
-                    rows.append({**row, spec.label_column: label})
+                    text = f"{spec.name} {kwargs['split']} text {i} of {label}"
+                    if spec.name == "github_code":  # SAEBench keeps long files minus a header
+                        text = "/" * 150 + text + " x" * 200
+                    row = {spec.text_column: text, spec.label_column: label}
+                    rules = spec.saebench
+                    if rules is not None and rules.balance_column:  # e.g. gender 0 / 1
+                        row[rules.balance_column] = rules.balance_values[i % 2]
+                    rows.append(row)
         frame = pd.DataFrame(rows)
         dataset = datasets.Dataset.from_pandas(frame.fillna({"rating": 3, "category": "Books"}))
         return dataset.to_iterable_dataset() if kwargs.get("streaming") else dataset

@@ -92,10 +92,11 @@ def test_metric_keys_and_averages(suite: ProbingSuite, sae: Any) -> None:
     probe_names = [f"{m}_{k}" for k in ("k1", "k2", "k5") for m in ("f1", "accuracy")]
     probe_names += [f"model_{m}_{k}" for k in ("k1", "k2", "k5", "all") for m in ("f1", "accuracy")]
     w_names = ["mean", "mean_standardized", "mean_latent_std"]
-    expected = {f"probing/mean_{n}" for n in probe_names}
+    medians = ["median", "median_standardized", "median_latent_std"]
+    expected = {f"probing/{s}_{n}" for s in ("mean", "merged_mean") for n in probe_names}
     expected |= {f"probing/{d}/{n}" for d in ("topics", "reviews") for n in probe_names}
-    expected |= {f"wasserstein/{n}" for n in w_names}
-    expected |= {f"wasserstein/{d}/{n}" for d in ("topics", "reviews") for n in w_names}
+    expected |= {f"wasserstein/{n}" for n in w_names + medians}
+    expected |= {f"wasserstein/{d}/{n}" for d in ("topics", "reviews") for n in w_names + medians}
     metrics = results.metrics()
     assert set(metrics) == expected
     assert all(math.isfinite(v) for v in metrics.values())
@@ -216,8 +217,10 @@ def test_in_memory_datasets_and_errors(
 def test_suite_for_sae_reads_the_metadata(model: Any, sae: Any) -> None:
     sae.cfg.metadata.hook_name = "blocks.1.hook_resid_post"
     sae.cfg.metadata.prepend_bos = False
-    suite = ProbingSuite.for_sae(sae, model, small_config())
+    suite = ProbingSuite.for_sae(sae, model, small_config(protocol="native"))
     assert (suite.hook_name, suite.prepend_bos) == ("blocks.1.hook_resid_post", False)
+    # SAEBench's tokenization ignores the SAE's BOS setting: the tokenizer decides.
+    assert ProbingSuite.for_sae(sae, model, small_config()).prepend_bos is None
     sae.cfg.metadata.hook_name = None
     with pytest.raises(ValueError, match="no hook_name"):
         ProbingSuite.for_sae(sae, model)

@@ -10,7 +10,9 @@ Core computations (pure functions on tensors):
   -> ProbeResult``: the paper's k-sparse logistic-regression probe.
 
 The protocol (balanced one-vs-rest tasks per dataset and class, mean-pooled
-latents over non-special tokens, a model-activation reference probe) runs in a
+latents over non-special tokens, a model-activation reference probe; SAEBench's
+dataset rules and tokenization by default, see :mod:`polysae_lens.evals.saebench`
+and ``ProbingEvalConfig.protocol``) runs in a
 :class:`ProbingSuite`, used by
 
 - SAETrainer evaluators :class:`ProbingEvaluator` and :class:`WassersteinEvaluator`
@@ -47,6 +49,7 @@ from polysae_lens.evals.evaluator import (
 )
 from polysae_lens.evals.probing import ProbeResult, probe_f1, top_k_by_mean_difference
 from polysae_lens.evals.results import EvalResults, ProbeScore, TaskResult
+from polysae_lens.evals.saebench import PROTOCOLS, SAEBenchRules
 from polysae_lens.evals.wasserstein import (
     WassersteinStats,
     standardized_wasserstein_per_latent,
@@ -57,6 +60,7 @@ from polysae_lens.evals.wasserstein import (
 __all__ = [
     "PAPER_DATASETS",
     "PAPER_DATASET_NAMES",
+    "PROTOCOLS",
     "BinaryTask",
     "CombinedEvaluator",
     "DatasetTasks",
@@ -68,6 +72,7 @@ __all__ = [
     "ProbingEvalConfig",
     "ProbingEvaluator",
     "ProbingSuite",
+    "SAEBenchRules",
     "TaskResult",
     "TokenActivations",
     "WassersteinEvaluator",

@@ -9,7 +9,17 @@ per text, so at most [sae_batch_size_tokens, d_sae] dense latents exist at once,
 never [n_texts, seq_len, d_sae].
 
 "Special" tokens are SAELens's (``sae_lens.util.get_special_token_ids``: BOS, EOS,
-PAD, SEP), the same tokens ``exclude_special_tokens`` drops in training.
+PAD, SEP), the same tokens ``exclude_special_tokens`` drops in training; with
+``prepend_bos=None`` (SAEBench's tokenization) they are SAEBench's: every token
+whose id is the tokenizer's BOS, EOS or PAD id.
+
+Tokenization (``prepend_bos``): ``True`` puts the tokenizer's BOS first and adds
+none of its own special tokens (SAELens's training tokenization); ``False`` adds
+no special token; ``None`` uses the tokenizer's own call, ``tokenizer(text,
+truncation=True, max_length=context_size)``, as SAEBench does. That call adds
+whatever the tokenizer adds: GPT-2's adds no BOS under transformers 4.x (the
+version the paper's SAEBench runs used), so there the first real token sits at
+position 0 and is pooled; Pythia's adds a BOS, which is then excluded.
 
 Shape suffixes: N texts, T kept tokens, B texts in a batch, S sequence positions,
 D model dimension at the hook (d_in), F SAE latents.
@@ -38,6 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TokenActivations",
     "collect_token_activations",
+    "excluded_token_ids",
     "pool_sae_latents",
     "tokenize_texts",
 ]
@@ -75,16 +86,22 @@ class TokenActivations:
 
 
 def tokenize_texts(
-    tokenizer: Any, texts: Sequence[str], *, context_size: int, prepend_bos: bool
+    tokenizer: Any, texts: Sequence[str], *, context_size: int, prepend_bos: bool | None
 ) -> list[list[int]]:
-    """Token ids of each text: BOS (if ``prepend_bos``) then at most
-    ``context_size`` tokens in all.
+    """Token ids of each text, at most ``context_size`` in all.
 
-    The tokenizer's own special tokens are not added (``add_special_tokens=False``)
-    so that BOS appears exactly once, whatever the tokenizer's defaults.
+    ``prepend_bos=True``: BOS, then the text's tokens; ``False``: the text's tokens
+    only. In both the tokenizer's own special tokens are not added
+    (``add_special_tokens=False``), so BOS appears exactly once whatever the
+    tokenizer's defaults. ``None``: the tokenizer's own call with truncation
+    (SAEBench's tokenization; see the module docstring).
     """
     if tokenizer is None:
         raise ValueError("the model has no tokenizer: activation collection needs one.")
+    cut = [text[: _CHARS_PER_TOKEN_BOUND * context_size] for text in texts]
+    if prepend_bos is None:
+        own = tokenizer(cut, truncation=True, max_length=context_size)["input_ids"]
+        return [list(ids) for ids in own]
     bos: list[int] = []
     if prepend_bos:
         if tokenizer.bos_token_id is None:
@@ -93,9 +110,19 @@ def tokenize_texts(
             )
         bos = [int(tokenizer.bos_token_id)]
     budget = context_size - len(bos)
-    cut = [text[: _CHARS_PER_TOKEN_BOUND * context_size] for text in texts]
     encoded = tokenizer(cut, add_special_tokens=False)["input_ids"]
     return [bos + list(ids[:budget]) for ids in encoded]
+
+
+def excluded_token_ids(tokenizer: Any, *, saebench: bool) -> set[int]:
+    """Token ids never pooled: SAEBench's (BOS, EOS, PAD ids) or SAELens's special
+    tokens (BOS, EOS, PAD, SEP, decoder start)."""
+    if not saebench:
+        return set(get_special_token_ids(tokenizer))
+    ids = (
+        getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+    )
+    return {int(i) for i in ids if i is not None}
 
 
 @torch.no_grad()
@@ -105,7 +132,7 @@ def collect_token_activations(
     *,
     hook_name: str,
     context_size: int,
-    prepend_bos: bool = True,
+    prepend_bos: bool | None = True,
     hook_head_index: int | None = None,
     batch_size: int = 32,
     model_kwargs: dict[str, Any] | None = None,
@@ -122,8 +149,11 @@ def collect_token_activations(
             SAELens: ``run_with_cache(tokens, names_filter, stop_at_layer, ...)``).
         texts: the texts, in the order of the returned rows.
         hook_name: hook point of the activations (the SAE's ``hook_name``).
-        context_size: tokens per text, BOS included; longer texts are truncated.
-        prepend_bos: prepend the tokenizer's BOS token.
+        context_size: tokens per text, special tokens included; longer texts are
+            truncated.
+        prepend_bos: ``True``: prepend the tokenizer's BOS token; ``False``: no
+            special token; ``None``: the tokenizer's own call decides (SAEBench's
+            tokenization, pooling every token but BOS, EOS and PAD ids).
         hook_head_index: keep only this head of a per-head hook (as SAELens does).
         batch_size: texts per forward pass. Texts are batched by length, padded
             on the right; causal attention makes that exact for the kept tokens.
@@ -148,7 +178,7 @@ def collect_token_activations(
             f"use context_size <= {n_ctx}."
         )
     token_ids = tokenize_texts(tokenizer, texts, context_size=context_size, prepend_bos=prepend_bos)
-    special = set(get_special_token_ids(tokenizer))
+    special = excluded_token_ids(tokenizer, saebench=prepend_bos is None)
     kept_N = torch.tensor([sum(t not in special for t in ids) for ids in token_ids])
     if bool((kept_N == 0).any()):
         i = int((kept_N == 0).nonzero()[0, 0])

@@ -35,6 +35,7 @@ from polysae_lens.evals.config import CACHE_DTYPES, ProbingEvalConfig
 from polysae_lens.evals.datasets import LOCAL_SUFFIXES, PAPER_DATASET_NAMES, ProbingDataset
 from polysae_lens.evals.evaluator import ProbingSuite
 from polysae_lens.evals.results import EvalResults
+from polysae_lens.evals.saebench import PROTOCOLS
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ProbingEvalConfig()
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument(
+        "--protocol",
+        choices=list(PROTOCOLS),
+        default=defaults.protocol,
+        help="saebench: SAEBench's dataset sampling and tokenization, as in the paper "
+        "(default); native: natural class mix, no text filters, BOS prepended (the SAE's "
+        "setting)",
+    )
+    protocol.add_argument(
         "--n-train", type=int, default=defaults.n_train, help="train texts per task (4000)"
     )
     protocol.add_argument(
@@ -171,6 +180,7 @@ def build_config(args: argparse.Namespace) -> ProbingEvalConfig:
         datasets=tuple(datasets),
         n_train=args.n_train,
         n_test=args.n_test,
+        protocol=args.protocol,
         context_size=args.context_size,
         k_values=tuple(args.k),
         seed=args.seed,
@@ -282,7 +292,9 @@ def run_standalone_eval(
 
 
 def format_results_table(results: EvalResults, per_task: bool = False) -> str:
-    """A plain-text table: F1 per dataset (and mean), model reference, W1."""
+    """A plain-text table: F1 per dataset, model reference, W1; then the summaries:
+    ``mean`` (F1: the paper's, bias_in_bios sets separate), ``mean (merged)``
+    (F1 with grouped datasets merged) and ``median`` (W1: the paper's Table 1)."""
     ks = [f"k{k}" for k in results.k_values]
     has_model = any(task.model_probes for task in results.tasks)
     columns = [(f"F1@{k[1:]}", f"f1_{k}") for k in ks]
@@ -314,16 +326,30 @@ def format_results_table(results: EvalResults, per_task: bool = False) -> str:
     rows.append(
         ("mean", len(results.tasks), results.probing_summary(), results.wasserstein_summary())
     )
+    if len(results.groups) < len(results.datasets):
+        rows.append(("mean (merged)", len(results.tasks), results.merged_probing_summary(), {}))
+    medians = results.wasserstein_median_summary()
+    rows.append(
+        (
+            "median",
+            len(results.tasks),
+            {},
+            {k.replace("median", "mean"): v for k, v in medians.items()},
+        )
+    )
     name_width = max(len("dataset"), *(len(r[0]) for r in rows))
     header = [f"{'dataset':<{name_width}}", f"{'tasks':>5}"]
     header += [f"{title:>{max(7, len(title))}}" for title, _ in columns + w_columns]
     lines = ["  ".join(header)]
     for name, n_tasks, probing, wasserstein in rows:
         cells = [f"{name:<{name_width}}", f"{n_tasks:>5}"]
+        # A summary that does not apply to a column leaves it blank.
         for title, key in columns:
-            cells.append(f"{probing.get(key, float('nan')):>{max(7, len(title))}.3f}")
+            width = max(7, len(title))
+            cells.append(f"{probing[key]:>{width}.3f}" if key in probing else " " * width)
         for title, key in w_columns:
-            cells.append(f"{wasserstein.get(key, float('nan')):>{max(7, len(title))}.4g}")
+            width = max(7, len(title))
+            cells.append(f"{wasserstein[key]:>{width}.4g}" if key in wasserstein else " " * width)
         lines.append("  ".join(cells))
     return "\n".join(lines)
 

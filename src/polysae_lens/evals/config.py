@@ -2,7 +2,8 @@
 
 Defaults follow the paper (method-notes, "Paper evaluation"): SAEBench's
 sparse-probing datasets, balanced one-vs-rest tasks of 4000 train / 1000 test
-texts, context 128, k in (1, 2, 5).
+texts, context 128, k in (1, 2, 5), and SAEBench's dataset construction and
+tokenization (``protocol="saebench"``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from polysae_lens.evals.datasets import (
     ProbingDataset,
     paper_dataset,
 )
+from polysae_lens.evals.saebench import PROTOCOLS, check_protocol
 
-__all__ = ["CACHE_DTYPES", "ProbingEvalConfig"]
+__all__ = ["CACHE_DTYPES", "PROTOCOLS", "ProbingEvalConfig"]
 
 CACHE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -46,8 +48,24 @@ class ProbingEvalConfig:
     """Train texts per binary task (half label 1, half label 0); even, >= 2."""
     n_test: int = 1000
     """Test texts per binary task (half label 1, half label 0); even, >= 2."""
+    protocol: str = "saebench"
+    """How texts are sampled and tokenized; one of :data:`PROTOCOLS`.
+
+    ``"saebench"`` (default; what the paper's numbers come from): SAEBench's
+    dataset rules (``ProbingDataset.saebench``: bias_in_bios gender-balanced per
+    profession, amazon_category 1-/5-star-balanced per category, github-code
+    files > 534 characters minus their first 150; near-stratified negatives) and
+    SAEBench's tokenization: the tokenizer's own call, pooling every token but
+    BOS / EOS / PAD ids. GPT-2's tokenizer adds no BOS (transformers 4.x), so the
+    first real token is at position 0 and pooled; Pythia's adds one.
+    ``prepend_bos`` must stay ``None``.
+
+    ``"native"``: this package's earlier protocol: classes in their natural mix,
+    no text filters, uniform negatives, BOS prepended (``prepend_bos``, else the
+    SAE's setting) and dropped from pooling: every text is read as SAELens
+    training reads it."""
     context_size: int = 128
-    """Tokens per text, BOS included (longer texts are truncated); >= 2."""
+    """Tokens per text, special tokens included (longer texts are truncated); >= 2."""
     k_values: tuple[int, ...] = (1, 2, 5)
     """Numbers of latents the sparse probes select; distinct positive integers."""
     seed: int = 0
@@ -56,8 +74,9 @@ class ProbingEvalConfig:
     """Also probe the model's raw (mean-pooled) activations at the SAE's hook: the
     same k values plus a dense probe on every dimension (``all``)."""
     prepend_bos: bool | None = None
-    """Prepend BOS to each text; ``None`` takes the SAE's (or the training run's)
-    setting."""
+    """``protocol="native"`` only: prepend BOS to each text; ``None`` takes the
+    SAE's (or the training run's) setting. Under ``"saebench"`` the tokenizer
+    decides and this must be ``None``."""
     llm_batch_size: int = 32
     """Texts per model forward pass during activation collection."""
     sae_batch_size_tokens: int = 4096
@@ -99,8 +118,15 @@ class ProbingEvalConfig:
                 f"cache_dtype={self.cache_dtype!r} is not allowed: use one of "
                 f"{', '.join(CACHE_DTYPES)}."
             )
+        check_protocol(self.protocol)
         if self.prepend_bos is not None and not isinstance(self.prepend_bos, bool):
             raise ValueError(f"prepend_bos={self.prepend_bos!r} must be True, False or None.")
+        if self.prepend_bos is not None and self.protocol != "native":
+            raise ValueError(
+                f"prepend_bos={self.prepend_bos!r} applies to protocol='native' only: under "
+                f"protocol={self.protocol!r} the tokenizer's own call decides (SAEBench). Set "
+                "protocol='native' or leave prepend_bos=None."
+            )
         if isinstance(self.datasets, (str, ProbingDataset)):
             object.__setattr__(self, "datasets", (self.datasets,))
         object.__setattr__(self, "datasets", tuple(self.datasets))
@@ -137,6 +163,7 @@ class ProbingEvalConfig:
             ],
             "n_train": self.n_train,
             "n_test": self.n_test,
+            "protocol": self.protocol,
             "context_size": self.context_size,
             "k_values": list(self.k_values),
             "seed": self.seed,

@@ -18,6 +18,13 @@ else.
 class (label 1 = that class, label 0 = texts of the dataset's other classes), with
 disjoint train and test texts.
 
+Under ``protocol="saebench"`` (the default) a dataset's :class:`SAEBenchRules`
+(``ProbingDataset.saebench``) also apply: sub-groups balanced within each class
+(bias_in_bios: gender; amazon_category: star rating), github-code's length filter
+and licence-header cut, and SAEBench's near-stratified negatives; see
+:mod:`polysae_lens.evals.saebench`. ``protocol="native"`` ignores them: classes
+are sampled in their natural mix and negatives uniformly from the other classes.
+
 Labels are compared by a normalised string key (:func:`label_key`): integers and
 integral floats become their integer digits (``5``, ``5.0`` and ``"5"`` are all
 ``"5"``), strings are stripped.
@@ -36,6 +43,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from polysae_lens.evals.saebench import (
+    GITHUB_MIN_CHARS,
+    GITHUB_SKIP_CHARS,
+    SAEBenchRules,
+    apply_text_rules,
+    balanced_sample,
+    check_protocol,
+    saebench_negatives,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +111,13 @@ class ProbingDataset:
     """Stream the hub dataset, reading only until every class has enough texts."""
     max_rows: int | None = None
     """Stop reading a streamed source after this many rows (``None``: no limit)."""
+    saebench: SAEBenchRules | None = None
+    """SAEBench's sampling rules for this dataset (balanced sub-groups, text
+    filters), applied under ``protocol="saebench"`` only; ``None``: none."""
+    group: str | None = None
+    """Datasets sharing a group count as one dataset in the merged averages
+    (``probing/merged_mean_...``): the three bias_in_bios sets are ``"bias_in_bios"``.
+    ``None``: the dataset is its own group."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
@@ -120,6 +144,17 @@ class ProbingDataset:
                 )
         if self.max_rows is not None and self.max_rows < 1:
             raise ValueError(f"ProbingDataset.max_rows={self.max_rows!r} must be >= 1 or None.")
+        if self.saebench is not None and not isinstance(self.saebench, SAEBenchRules):
+            raise ValueError(
+                f"ProbingDataset.saebench={self.saebench!r} must be a SAEBenchRules or None."
+            )
+        if self.group is not None and (
+            not isinstance(self.group, str) or not self.group or "/" in self.group
+        ):
+            raise ValueError(
+                f"ProbingDataset.group={self.group!r} must be a non-empty string without '/' "
+                "or None."
+            )
 
     @property
     def class_keys(self) -> tuple[str, ...] | None:
@@ -154,6 +189,13 @@ class LoadedDataset:
     """Class key -> texts for train (and for test when ``test`` is None)."""
     test: dict[str, list[str]] | None = None
     """Class key -> texts for test, when the source has a separate test split."""
+    balance: tuple[str, ...] | None = None
+    """Sub-group keys balanced within each class (``protocol="saebench"`` with a
+    balance column), else ``None``."""
+    train_strata: dict[str, list[str]] | None = None
+    """Class key -> the sub-group key of each of ``train``'s texts (with ``balance``)."""
+    test_strata: dict[str, list[str]] | None = None
+    """Class key -> the sub-group key of each of ``test``'s texts (with ``balance``)."""
 
 
 @dataclass(frozen=True)
@@ -223,7 +265,7 @@ def _sort_keys(keys: Iterable[str]) -> list[str]:
 
 
 def load_dataset_texts(
-    spec: ProbingDataset, *, needed_per_class: int, seed: int = 0
+    spec: ProbingDataset, *, needed_per_class: int, seed: int = 0, protocol: str = "saebench"
 ) -> LoadedDataset:
     """Read ``spec``'s rows and group its texts by class.
 
@@ -233,22 +275,39 @@ def load_dataset_texts(
     labels outside ``spec.classes`` are skipped (missing and empty rows are
     counted in a warning).
 
+    Under ``protocol="saebench"`` the spec's :class:`SAEBenchRules` apply: texts
+    too short for ``min_chars`` are skipped and the rest lose ``skip_chars``
+    leading characters; with a balance column each text's sub-group is kept
+    (rows of other sub-group values are skipped) and a streamed source is read
+    until every (class, sub-group) has its share of ``needed_per_class``.
+
     Raises:
-        ValueError: a missing text or label column, a text that is not a string,
-            no rows at all, fewer than two classes, or a listed class absent.
+        ValueError: a missing text, label or balance column, a text that is not a
+            string, no rows at all, fewer than two classes, a listed class absent,
+            or an unknown ``protocol``.
     """
-    train_rows, test_rows = _open_source(spec, seed)
+    rules = spec.saebench if check_protocol(protocol) == "saebench" else None
+    train_rows, test_rows = _open_source(spec, seed, rules)
     wanted = spec.class_keys
     cap = needed_per_class if _is_streamed(spec) else None
-    train = _group_rows(spec, train_rows, wanted, cap, split=spec.split)
-    test = None
+    train, train_strata = _group_rows(spec, train_rows, wanted, cap, spec.split, rules)
+    test = test_strata = None
     if test_rows is not None:
-        test = _group_rows(spec, test_rows, wanted, cap, split=str(spec.test_split))
+        test, test_strata = _group_rows(spec, test_rows, wanted, cap, str(spec.test_split), rules)
     classes = wanted if wanted is not None else tuple(_sort_keys(train))
     _check_classes(spec, classes, train, "train" if test is not None else None)
     if test is not None:
         _check_classes(spec, classes, test, "test")
-    return LoadedDataset(name=spec.name, classes=tuple(classes), train=train, test=test)
+    balance = rules.balance_keys if rules is not None and rules.balance_column else None
+    return LoadedDataset(
+        name=spec.name,
+        classes=tuple(classes),
+        train=train,
+        test=test,
+        balance=balance,
+        train_strata=train_strata if balance else None,
+        test_strata=test_strata if balance else None,
+    )
 
 
 def _is_streamed(spec: ProbingDataset) -> bool:
@@ -259,21 +318,30 @@ def _is_streamed(spec: ProbingDataset) -> bool:
     return spec.streaming
 
 
+def _columns(spec: ProbingDataset, rules: SAEBenchRules | None) -> dict[str, str]:
+    """Role -> column of the columns a load reads."""
+    columns = {"text": spec.text_column, "label": spec.label_column}
+    if rules is not None and rules.balance_column is not None:
+        columns["balance"] = rules.balance_column
+    return columns
+
+
 def _open_source(
-    spec: ProbingDataset, seed: int
+    spec: ProbingDataset, seed: int, rules: SAEBenchRules | None
 ) -> tuple[Iterable[Mapping[str, Any]], Iterable[Mapping[str, Any]] | None]:
     """(train rows, test rows or None) of any source."""
     source = spec.source
+    columns = _columns(spec, rules)
     if _is_dataset(source) or _is_iterable_dataset(source):
-        _check_columns(spec, getattr(source, "column_names", None))
-        return _rows_of(source, spec, seed), None
+        _check_columns(spec, getattr(source, "column_names", None), columns)
+        return _rows_of(source, columns, seed), None
     if isinstance(source, (str, os.PathLike)) and _looks_local(source):
-        return _read_local(spec, Path(source)), None
+        return _read_local(spec, Path(source), columns), None
     if callable(source):
         return source(), None
     if isinstance(source, str):
-        train = _load_hub_split(spec, spec.split, seed)
-        test = _load_hub_split(spec, spec.test_split, seed) if spec.test_split else None
+        train = _load_hub_split(spec, spec.split, seed, columns)
+        test = _load_hub_split(spec, spec.test_split, seed, columns) if spec.test_split else None
         return train, test
     raise ValueError(
         f"dataset {spec.name!r}: unsupported source {type(source).__name__}; use a hub "
@@ -299,21 +367,23 @@ def _is_iterable_dataset(obj: Any) -> bool:
     return isinstance(obj, datasets.IterableDataset)
 
 
-def _rows_of(dataset: Any, spec: ProbingDataset, seed: int) -> Iterator[Mapping[str, Any]]:
-    """Rows of an in-memory or streamed ``datasets`` object, text and label only."""
+def _rows_of(dataset: Any, columns: Mapping[str, str], seed: int) -> Iterator[Mapping[str, Any]]:
+    """Rows of an in-memory or streamed ``datasets`` object, the read columns only."""
     import datasets
 
     if isinstance(dataset, datasets.IterableDataset):
         # A shuffle buffer keeps a streamed sample from being the source's first rows.
         yield from dataset.shuffle(seed=seed, buffer_size=10_000)
         return
-    texts = dataset[spec.text_column]
-    labels = dataset[spec.label_column]
-    for text, label in zip(texts, labels, strict=True):
-        yield {spec.text_column: text, spec.label_column: label}
+    names = list(dict.fromkeys(columns.values()))
+    values = [dataset[name] for name in names]
+    for row in zip(*values, strict=True):
+        yield dict(zip(names, row, strict=True))
 
 
-def _load_hub_split(spec: ProbingDataset, split: str | None, seed: int) -> Iterable[Any]:
+def _load_hub_split(
+    spec: ProbingDataset, split: str | None, seed: int, columns: Mapping[str, str]
+) -> Iterable[Any]:
     """One split of a hub dataset (network access unless it is cached)."""
     import datasets
 
@@ -324,11 +394,13 @@ def _load_hub_split(spec: ProbingDataset, split: str | None, seed: int) -> Itera
         data_files=spec.data_files,
         streaming=spec.streaming,
     )
-    _check_columns(spec, getattr(dataset, "column_names", None))
-    return _rows_of(dataset, spec, seed)
+    _check_columns(spec, getattr(dataset, "column_names", None), columns)
+    return _rows_of(dataset, columns, seed)
 
 
-def _read_local(spec: ProbingDataset, path: Path) -> Iterator[Mapping[str, Any]]:
+def _read_local(
+    spec: ProbingDataset, path: Path, columns: Mapping[str, str]
+) -> Iterator[Mapping[str, Any]]:
     import pandas as pd
 
     if not path.is_file():
@@ -352,22 +424,27 @@ def _read_local(spec: ProbingDataset, path: Path) -> Iterator[Mapping[str, Any]]
         if "dataset" in str(e):
             raise
         raise ValueError(f"dataset {spec.name!r}: cannot read {str(path)!r}: {e}") from e
-    _check_columns(spec, list(frame.columns))
-    texts = frame[spec.text_column].tolist()
-    labels = frame[spec.label_column].tolist()
-    for text, label in zip(texts, labels, strict=True):
-        yield {spec.text_column: text, spec.label_column: label}
+    _check_columns(spec, list(frame.columns), columns)
+    names = list(dict.fromkeys(columns.values()))
+    yield from frame[names].to_dict("records")
 
 
-def _check_columns(spec: ProbingDataset, columns: Sequence[str] | None) -> None:
-    """Raise if a known column list lacks the text or label column."""
-    if columns is None:
+def _check_columns(
+    spec: ProbingDataset, available: Sequence[str] | None, columns: Mapping[str, str]
+) -> None:
+    """Raise if a known column list lacks a column the load reads."""
+    if available is None:
         return
-    for role, column in (("text", spec.text_column), ("label", spec.label_column)):
-        if column not in columns:
+    for role, column in columns.items():
+        if column not in available:
+            fix = (
+                f"Set ProbingDataset.{role}_column"
+                if role != "balance"
+                else "Fix ProbingDataset.saebench.balance_column (or use protocol='native')"
+            )
             raise ValueError(
                 f"dataset {spec.name!r}: {role} column {column!r} not found; available "
-                f"columns: {list(columns)}. Set ProbingDataset.{role}_column."
+                f"columns: {list(available)}. {fix}."
             )
 
 
@@ -377,13 +454,21 @@ def _group_rows(
     wanted: tuple[str, ...] | None,
     cap: int | None,
     split: str,
-) -> dict[str, list[str]]:
+    rules: SAEBenchRules | None,
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(class -> texts, class -> sub-group key of each text; ``""`` without balance)."""
     label_map = {label_key(k): label_key(v) for k, v in (spec.label_map or {}).items()}
     groups: dict[str, list[str]] = {c: [] for c in wanted} if wanted is not None else {}
-    n_rows = n_missing = n_empty = 0
+    strata: dict[str, list[str]] = {c: [] for c in groups}
+    columns = _columns(spec, rules)
+    balance = rules.balance_keys if rules is not None and rules.balance_column else ()
+    # With balance, a streamed read stops once every (class, sub-group) is full.
+    counts: dict[tuple[str, str], int] = {}
+    sub_cap = math.ceil(cap / len(balance)) if cap is not None and balance else cap
+    n_rows = n_missing = n_empty = n_filtered = 0
     for row in rows:
         if n_rows == 0:
-            _check_columns(spec, list(row.keys()))
+            _check_columns(spec, list(row.keys()), columns)
         n_rows += 1
         text = row[spec.text_column]
         key = label_key(row[spec.label_column])
@@ -397,13 +482,23 @@ def _group_rows(
         elif not text.strip():
             n_empty += 1
         else:
-            key = label_map.get(key) or key
-            if wanted is None:
-                groups.setdefault(str(key), []).append(text)
-            elif key in groups and (cap is None or len(groups[key]) < cap):
-                groups[key].append(text)
-        if cap is not None and wanted is not None and all(len(g) >= cap for g in groups.values()):
-            break
+            key = str(label_map.get(key) or key)
+            stratum = ""
+            if balance:
+                stratum = str(label_key(row[columns["balance"]]))
+            kept = apply_text_rules(text, rules) if rules is not None else text
+            if kept is None or (balance and stratum not in balance):
+                n_filtered += 1
+            elif wanted is None or (
+                key in groups and (sub_cap is None or counts.get((key, stratum), 0) < sub_cap)
+            ):
+                groups.setdefault(key, []).append(kept)
+                strata.setdefault(key, []).append(stratum)
+                counts[key, stratum] = counts.get((key, stratum), 0) + 1
+        if sub_cap is not None and wanted is not None:
+            full = all(counts.get((c, s), 0) >= sub_cap for c in wanted for s in balance or ("",))
+            if full:
+                break
         if spec.max_rows is not None and n_rows >= spec.max_rows:
             break
     if n_rows == 0:
@@ -418,12 +513,21 @@ def _group_rows(
             n_empty,
             n_rows,
         )
+    if n_filtered:
+        logger.info(
+            "dataset %r (%s): SAEBench's rules dropped %d of %d row(s) (text length or "
+            "sub-group value).",
+            spec.name,
+            split,
+            n_filtered,
+            n_rows,
+        )
     if not any(groups.values()):
         raise ValueError(
             f"dataset {spec.name!r} is empty: no row of split {split!r} has both a text and "
             f"a label{' of the listed classes' if wanted is not None else ''}."
         )
-    return groups
+    return groups, strata
 
 
 def _check_classes(
@@ -448,7 +552,9 @@ def _check_classes(
 # ---- tasks ---------------------------------------------------------------------
 
 
-def build_tasks(loaded: LoadedDataset, *, n_train: int, n_test: int, seed: int = 0) -> DatasetTasks:
+def build_tasks(
+    loaded: LoadedDataset, *, n_train: int, n_test: int, seed: int = 0, protocol: str = "saebench"
+) -> DatasetTasks:
     """One balanced binary task per class, with disjoint train and test texts.
 
     Each class contributes up to ``n_train // 2`` train and ``n_test // 2`` test
@@ -458,7 +564,15 @@ def build_tasks(loaded: LoadedDataset, *, n_train: int, n_test: int, seed: int =
     smaller (a warning says so); each class needs at least two texts. Only pooled
     texts are encoded, so a dataset costs ``n_classes * (n_train + n_test) / 2``
     texts. Deterministic given ``seed`` and the dataset name.
+
+    When ``loaded`` has sub-groups (``loaded.balance``, from a ``"saebench"``
+    load), each pool holds ``n_train // 2 // n_subgroups`` texts of every
+    sub-group (SAEBench: ``n_train // 4`` male and as many female bios), fewer but
+    still equal when one sub-group is short. ``protocol="saebench"`` draws the
+    negatives as SAEBench does (:func:`~polysae_lens.evals.saebench.saebench_negatives`);
+    ``"native"`` uniformly from the other classes' pools.
     """
+    check_protocol(protocol)
     half_train, half_test = n_train // 2, n_test // 2
     rng = np.random.default_rng([seed, zlib.crc32(loaded.name.encode())])
     texts: list[str] = []
@@ -474,6 +588,12 @@ def build_tasks(loaded: LoadedDataset, *, n_train: int, n_test: int, seed: int =
 
     for cls in loaded.classes:
         available = loaded.train[cls]
+        if loaded.balance is not None:
+            train_pick, test_pick = _balanced_pools(loaded, cls, half_train, half_test, rng)
+            train_pools[cls] = add(cls, [available[i] for i in train_pick])
+            test_source = loaded.test[cls] if loaded.test is not None else available
+            test_pools[cls] = add(cls, [test_source[i] for i in test_pick])
+            continue
         order = rng.permutation(len(available))
         if loaded.test is not None:
             test_available = loaded.test[cls]
@@ -500,8 +620,8 @@ def build_tasks(loaded: LoadedDataset, *, n_train: int, n_test: int, seed: int =
     tasks = []
     small: list[str] = []
     for cls in loaded.classes:
-        train_index, train_labels = _balanced_split(cls, train_pools, rng)
-        test_index, test_labels = _balanced_split(cls, test_pools, rng)
+        train_index, train_labels = _balanced_split(cls, train_pools, rng, protocol)
+        test_index, test_labels = _balanced_split(cls, test_pools, rng, protocol)
         if len(train_index) < n_train or len(test_index) < n_test:
             small.append(f"{cls} ({len(train_index)} train / {len(test_index)} test)")
         tasks.append(
@@ -533,14 +653,72 @@ def build_tasks(loaded: LoadedDataset, *, n_train: int, n_test: int, seed: int =
     return DatasetTasks(name=loaded.name, texts=texts, text_classes=text_classes, tasks=tasks)
 
 
+def _balanced_pools(
+    loaded: LoadedDataset, cls: str, half_train: int, half_test: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices of a class's sub-group-balanced pools: into
+    ``loaded.train[cls]`` and ``loaded.test[cls]`` (or ``loaded.train[cls]`` when
+    there is no test split)."""
+    assert loaded.balance is not None and loaded.train_strata is not None
+    values = loaded.balance
+    per_train, per_test = half_train // len(values), half_test // len(values)
+    if loaded.test is not None:
+        assert loaded.test_strata is not None
+        train_pick, n_train_v = balanced_sample(loaded.train_strata[cls], values, per_train, rng)
+        test_pick, n_test_v = balanced_sample(loaded.test_strata[cls], values, per_test, rng)
+        if n_train_v == 0 or n_test_v == 0:
+            split = "train" if n_train_v == 0 else "test"
+            strata = loaded.train_strata if split == "train" else loaded.test_strata
+            raise ValueError(
+                f"dataset {loaded.name!r}: class {cls!r} lacks texts of some sub-group in "
+                f"split {split!r} (sub-groups {list(values)}, found "
+                f"{sorted(set(strata[cls]))}); SAEBench balances them, so each needs one. "
+                "Use protocol='native' to sample the natural mix."
+            )
+        short = n_train_v < per_train or n_test_v < per_test
+    else:
+        pick, take = balanced_sample(loaded.train_strata[cls], values, per_train + per_test, rng)
+        if take < 2:
+            raise ValueError(
+                f"dataset {loaded.name!r}: class {cls!r} has {take} text(s) of its smallest "
+                f"sub-group (of {list(values)}); each sub-group needs at least 2 (train and "
+                "test). Use protocol='native' to sample the natural mix."
+            )
+        if take == per_train + per_test:
+            n_train_v, n_test_v = per_train, per_test
+        else:
+            n_test_v = min(take - 1, max(1, round(take * per_test / (per_train + per_test))))
+            n_train_v = take - n_test_v
+        blocks = pick.reshape(len(values), take)  # one row per sub-group
+        train_pick = blocks[:, :n_train_v].reshape(-1)
+        test_pick = blocks[:, n_train_v : n_train_v + n_test_v].reshape(-1)
+        short = take < per_train + per_test
+    if short:
+        logger.warning(
+            "dataset %r: class %r keeps %d train / %d test texts per sub-group (%s), fewer "
+            "than the %d / %d wanted: its smallest sub-group is short.",
+            loaded.name,
+            cls,
+            n_train_v,
+            n_test_v,
+            ", ".join(values),
+            per_train,
+            per_test,
+        )
+    return train_pick, test_pick
+
+
 def _balanced_split(
-    cls: str, pools: Mapping[str, np.ndarray], rng: np.random.Generator
+    cls: str, pools: Mapping[str, np.ndarray], rng: np.random.Generator, protocol: str
 ) -> tuple[np.ndarray, np.ndarray]:
     positives = pools[cls]
     others = np.concatenate([p for c, p in pools.items() if c != cls])
     n = min(len(positives), len(others))
     positives = positives[rng.permutation(len(positives))[:n]] if n < len(positives) else positives
-    negatives = others[rng.choice(len(others), size=n, replace=False)]
+    if protocol == "saebench":
+        negatives = saebench_negatives(pools, cls, n, rng)
+    else:
+        negatives = others[rng.choice(len(others), size=n, replace=False)]
     index = np.concatenate([positives, negatives])
     labels = np.concatenate([np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64)])
     return index, labels
@@ -640,11 +818,18 @@ def _bias_in_bios(name: str, professions: tuple[int, ...]) -> ProbingDataset:
         classes=professions,
         split="train",
         test_split="test",
+        # SAEBench: as many male (0) as female (1) bios per profession.
+        saebench=SAEBenchRules(balance_column="gender", balance_values=(0, 1)),
+        group="bias_in_bios",
     )
 
 
 def _amazon(
-    name: str, label_column: str, classes: tuple[int, ...], label_map: Mapping[str, int] | None
+    name: str,
+    label_column: str,
+    classes: tuple[int, ...],
+    label_map: Mapping[str, int] | None,
+    saebench: SAEBenchRules | None = None,
 ) -> ProbingDataset:
     return ProbingDataset(
         name,
@@ -655,6 +840,7 @@ def _amazon(
         label_map=label_map,
         split="train",
         test_split="test",
+        saebench=saebench,
     )
 
 
@@ -667,8 +853,16 @@ PAPER_DATASETS: tuple[ProbingDataset, ...] = (
     _bias_in_bios("bias_in_bios_set3", (20, 21, 22, 25, 26)),
     # Toys_and_Games, Cell_Phones_and_Accessories, Industrial_and_Scientific,
     # Musical_Instruments, Electronics.
-    _amazon("amazon_category", "category", (1, 2, 3, 5, 6), AMAZON_CATEGORY_IDS),
-    # Star ratings: the dataset holds only 1-star and 5-star reviews.
+    # SAEBench: as many 1-star as 5-star reviews per category.
+    _amazon(
+        "amazon_category",
+        "category",
+        (1, 2, 3, 5, 6),
+        AMAZON_CATEGORY_IDS,
+        SAEBenchRules(balance_column="rating", balance_values=(1, 5)),
+    ),
+    # Star ratings: the dataset holds only 1-star and 5-star reviews (SAEBench
+    # samples each rating without balancing categories).
     _amazon("amazon_sentiment", "rating", (1, 5), None),
     # codeparrot/github-code's loading script is not supported by datasets >= 4: its
     # parquet shards are read directly, streamed (the dataset is ~1 TB).
@@ -681,6 +875,8 @@ PAPER_DATASETS: tuple[ProbingDataset, ...] = (
         classes=("C", "Python", "HTML", "Java", "PHP"),
         streaming=True,
         max_rows=2_000_000,
+        # SAEBench: files longer than 534 characters, their first 150 dropped.
+        saebench=SAEBenchRules(min_chars=GITHUB_MIN_CHARS, skip_chars=GITHUB_SKIP_CHARS),
     ),
     # World, Sports, Business, Sci/Tech.
     ProbingDataset(

@@ -80,7 +80,9 @@ class ProbingSuite:
         hook_name: the SAE's hook point.
         config: protocol settings (paper defaults).
         hook_head_index: the SAE's head index for per-head hooks.
-        prepend_bos: prepend BOS to each text (``config.prepend_bos`` wins if set).
+        prepend_bos: prepend BOS to each text under ``protocol="native"``
+            (``config.prepend_bos`` wins if set); unused under ``"saebench"``, where
+            the tokenizer's own call decides.
         model_kwargs: extra ``run_with_cache`` keyword arguments.
 
     Attributes:
@@ -89,6 +91,8 @@ class ProbingSuite:
         n_model_batches: model forward passes made by the suite.
         n_encodings: SAE encodings of the cached activations (one per distinct
             SAE state evaluated).
+        dataset_groups: dataset name -> ``ProbingDataset.group`` (the merged
+            averages of :class:`EvalResults`).
     """
 
     def __init__(
@@ -105,9 +109,12 @@ class ProbingSuite:
         self.hook_name = hook_name
         self.config = config if config is not None else ProbingEvalConfig()
         self.hook_head_index = hook_head_index
-        self.prepend_bos = (
-            self.config.prepend_bos if self.config.prepend_bos is not None else prepend_bos
-        )
+        # None: the tokenizer's own call (SAEBench's tokenization).
+        self.prepend_bos: bool | None = None
+        if self.config.protocol == "native":
+            self.prepend_bos = (
+                self.config.prepend_bos if self.config.prepend_bos is not None else prepend_bos
+            )
         self.model_kwargs = dict(model_kwargs or {})
         self.n_collections = 0
         self.n_model_batches = 0
@@ -115,7 +122,9 @@ class ProbingSuite:
         self._prepared: list[_PreparedDataset] | None = None
         self._memo: tuple[tuple[Any, ...], EvalResults] | None = None
         # Fail on a bad dataset entry now rather than at the first eval, hours in.
-        self.config.resolved_datasets()
+        self.dataset_groups = {
+            spec.name: spec.group for spec in self.config.resolved_datasets() if spec.group
+        }
 
     @classmethod
     def from_runner(
@@ -169,10 +178,19 @@ class ProbingSuite:
         all_tasks = []
         for spec in cfg.resolved_datasets():
             loaded = load_dataset_texts(
-                spec, needed_per_class=(cfg.n_train + cfg.n_test) // 2, seed=cfg.seed
+                spec,
+                needed_per_class=(cfg.n_train + cfg.n_test) // 2,
+                seed=cfg.seed,
+                protocol=cfg.protocol,
             )
             all_tasks.append(
-                build_tasks(loaded, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed)
+                build_tasks(
+                    loaded,
+                    n_train=cfg.n_train,
+                    n_test=cfg.n_test,
+                    seed=cfg.seed,
+                    protocol=cfg.protocol,
+                )
             )
         prepared = []
         with _paused(data_provider):
@@ -273,7 +291,11 @@ class ProbingSuite:
                 for task in dataset.tasks.tasks:
                     results.append(self._score_task(pooled_FN, task, dataset))
         self.n_encodings += 1
-        evaluation = EvalResults(tasks=tuple(results), k_values=self.config.k_values)
+        evaluation = EvalResults(
+            tasks=tuple(results),
+            k_values=self.config.k_values,
+            dataset_groups=dict(self.dataset_groups),
+        )
         logger.info(
             "probing / Wasserstein evaluation of %d task(s) took %.1f s",
             len(results),
