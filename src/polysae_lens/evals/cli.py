@@ -10,6 +10,10 @@ Example::
     polysae-lens eval --release gpt2-small-res-jb --sae-id blocks.8.hook_resid_pre \\
         --datasets my_labels.csv --text-column sentence --label-column topic
 
+``--protocol saebench`` (default) samples and tokenizes texts as SAEBench does,
+as in the paper; ``--protocol native`` keeps the natural class mix and prepends
+BOS (see ``ProbingEvalConfig.protocol``).
+
 The SAE (a directory from ``save_inference_model`` or a training checkpoint, or a
 SAELens ``from_pretrained`` release) brings its model name, hook and BOS setting
 in its metadata; ``--model-name`` / ``--hook-name`` override them. Every SAELens

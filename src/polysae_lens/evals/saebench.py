@@ -25,7 +25,10 @@ train and test sets separately) from its global torch seed; here a task's
 negatives are drawn once, from this package's seed, so the texts differ from
 SAEBench's while following the same rules. A class with too few texts in some
 sub-group is skipped by SAEBench; here its pool shrinks (still balanced) with a
-warning.
+warning. europarl differs in construction (SAEBench takes each language from one
+fixed language pair; see :func:`~polysae_lens.evals.datasets.europarl_rows`), and
+github-code is read through a shuffle buffer where SAEBench takes the stream's
+first files.
 
 Pure functions on index arrays; nothing here reads data.
 """
