@@ -27,10 +27,14 @@ Suites
 Candidate fixes
 ---------------
 The first two are now the package's defaults (``c1_init="orthogonal"``,
-``c1_lr_scale=None`` meaning d_sae / R1); the "paper" contenders set the
-paper's values explicitly, the "FIX" contenders re-apply the two changes with
-this script's own helpers, and the "pkg defaults" row checks that the package's
-implementation gives the same numbers.
+``c1_lr_scale=None`` meaning d_sae / R1). The "authors init" contenders are the
+paper's settings (``init_preset="authors"``, ``c1_lr_scale=1.0``: the authors'
+code's initialisation and single learning rate); the "kaiming C1" contenders,
+the base of the ablations, keep the package's init otherwise (W_enc tied to
+U @ C1, C's with fan_in = d_in) with ``c1_init="kaiming"`` and one learning
+rate; the "FIX" contenders re-apply the two changes with this script's own
+helpers, and the "pkg defaults" row checks that the package's implementation
+gives the same numbers.
 
 - ``orthogonal_c1_``: C1 = sqrt(2) * (orthonormal rows) instead of
   Kaiming-uniform: the same Frobenius norm, but condition number 1. With U on
@@ -433,26 +437,33 @@ def train(
 
 # ---- suites ----------------------------------------------------------------
 
-# The paper's settings; the package's defaults now include the fix (FIX below
-# applies the same two changes on top of these settings, in this script).
-PAPER = Contender("poly1 paper", poly_kwargs=(("c1_init", "kaiming"), ("c1_lr_scale", 1.0)))
+# The authors' code's init (init_preset="authors": C's with fan_in = R, W_enc an
+# untied placeholder) and its single learning rate: the paper's settings.
+AUTHORS = Contender(
+    "poly1 authors init", poly_kwargs=(("init_preset", "authors"), ("c1_lr_scale", 1.0))
+)
+# Kaiming C1 with one lr on the package's init otherwise (W_enc tied to U @ C1, C's
+# with fan_in = d_in): the base of the ablations. The package's defaults include
+# the fix (FIX applies the same two changes on top of it, in this script).
+KAIMING = Contender("poly1 kaiming C1", poly_kwargs=(("c1_init", "kaiming"), ("c1_lr_scale", 1.0)))
 LINEAR = Contender("linear TopK", order=0)
-FIX = PAPER.with_("poly1 FIX", c1_orthogonal=True, c1_mult="ratio")
+FIX = KAIMING.with_("poly1 FIX", c1_orthogonal=True, c1_mult="ratio")
 PKG_DEFAULTS = Contender("poly1 pkg defaults")  # c1_init / c1_lr_scale left to the package
 
 
 def linear_suite(quick: bool) -> list[Contender]:
     rows = [
         LINEAR,
-        PAPER,
-        PAPER.with_("poly1 no retraction", poly_kwargs=(("stiefel_every_n_steps", 0),)),
-        PAPER.with_("poly1 proj. moments", poly_kwargs=(("stiefel_project_moments", True),)),
-        PAPER.with_("poly1 untied W_enc", untie=True),
-        PAPER.with_("poly1 decoder_init_norm=.1", poly_kwargs=(("decoder_init_norm", 0.1),)),
-        PAPER.with_("poly1 U lr x sqrt(F/R1)", u_mult="sqrt"),
-        PAPER.with_("poly1 orthogonal C1", c1_orthogonal=True),
-        PAPER.with_("poly1 C1 lr x sqrt(F/R1)", c1_mult="sqrt"),
-        PAPER.with_("poly1 C1 lr x F/R1", c1_mult="ratio"),
+        AUTHORS,
+        KAIMING,
+        KAIMING.with_("poly1 no retraction", poly_kwargs=(("stiefel_every_n_steps", 0),)),
+        KAIMING.with_("poly1 proj. moments", poly_kwargs=(("stiefel_project_moments", True),)),
+        KAIMING.with_("poly1 untied W_enc", untie=True),
+        KAIMING.with_("poly1 decoder_init_norm=.1", poly_kwargs=(("decoder_init_norm", 0.1),)),
+        KAIMING.with_("poly1 U lr x sqrt(F/R1)", u_mult="sqrt"),
+        KAIMING.with_("poly1 orthogonal C1", c1_orthogonal=True),
+        KAIMING.with_("poly1 C1 lr x sqrt(F/R1)", c1_mult="sqrt"),
+        KAIMING.with_("poly1 C1 lr x F/R1", c1_mult="ratio"),
         FIX.with_("poly1 FIX, C1 lr x sqrt(F/R1)", c1_mult="sqrt"),
         FIX,
         FIX.with_("poly1 FIX + proj. moments", poly_kwargs=(("stiefel_project_moments", True),)),
@@ -461,7 +472,8 @@ def linear_suite(quick: bool) -> list[Contender]:
         PKG_DEFAULTS,
     ]
     if quick:
-        keep = {"linear TopK", "poly1 paper", "poly1 no retraction", "poly1 proj. moments"}
+        keep = {"linear TopK", "poly1 authors init", "poly1 kaiming C1", "poly1 no retraction"}
+        keep |= {"poly1 proj. moments"}
         keep |= {"poly1 orthogonal C1", "poly1 C1 lr x F/R1", "poly1 FIX"}
         keep |= {"poly1 FIX + proj. moments"}
         rows = [r for r in rows if r.name in keep]
@@ -469,16 +481,22 @@ def linear_suite(quick: bool) -> list[Contender]:
 
 
 def lr_suite(quick: bool) -> list[Contender]:
-    rows = [LINEAR, PAPER, FIX.with_("poly1 FIX, C1 lr x sqrt(F/R1)", c1_mult="sqrt"), FIX]
-    return [LINEAR, PAPER, FIX] if quick else rows
+    rows = [
+        LINEAR,
+        AUTHORS,
+        KAIMING,
+        FIX.with_("poly1 FIX, C1 lr x sqrt(F/R1)", c1_mult="sqrt"),
+        FIX,
+    ]
+    return [LINEAR, AUTHORS, KAIMING, FIX] if quick else rows
 
 
 def moments_suite(quick: bool) -> list[Contender]:
     """Item 2: the paper's plain retraction vs projecting Adam's first moment."""
     proj = (("stiefel_project_moments", True),)
     return [
-        PAPER,
-        PAPER.with_("poly1 proj. moments", poly_kwargs=proj),
+        KAIMING,
+        KAIMING.with_("poly1 proj. moments", poly_kwargs=proj),
         FIX,
         FIX.with_("poly1 FIX + proj. moments", poly_kwargs=proj),
     ]
@@ -489,9 +507,10 @@ def planted_suite(quick: bool) -> list[Contender]:
     full2 = fix2.with_("poly2 FIX+inter+gauge", interaction_mult=True, gauge=True)
     rows = [
         LINEAR,
-        PAPER,
-        PAPER.with_("poly2 paper", order=2),
-        PAPER.with_("poly3 paper", order=3),
+        AUTHORS.with_("poly2 authors init", order=2),
+        KAIMING,
+        KAIMING.with_("poly2 kaiming C1", order=2),
+        KAIMING.with_("poly3 kaiming C1", order=3),
         FIX,
         fix2,
         FIX.with_("poly3 FIX (C1 only)", order=3),

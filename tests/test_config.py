@@ -74,6 +74,10 @@ BAD_CONFIGS: list[tuple[dict[str, Any], str]] = [
     ({"k": 0}, "k=0 must be a positive"),
     ({"rescale_acts_by_decoder_norm": True}, "rescale_acts_by_decoder_norm=True"),
     ({"fused_adam": "yes"}, "fused_adam='yes' must be True or False"),
+    (
+        {"init_preset": "paper"},
+        "init_preset='paper' is not allowed: use one of ['package', 'authors']",
+    ),
 ]
 
 

@@ -26,6 +26,9 @@ from polysae_lens.stiefel import RETRACTIONS
 POLY_ORDERS = (1, 2, 3)
 STIEFEL_METHODS = tuple(RETRACTIONS)
 C1_INITS = ("orthogonal", "kaiming")
+INIT_PRESETS = ("package", "authors")
+AUTHORS_DECODER_INIT_NORM = 0.1
+"""SAELens 6.22's default ``decoder_init_norm``, which the authors' runs used."""
 DEFAULT_INTERACTION_RANK = 64  # R2 = R3 = 64 for GPT-2 small (paper Sec. 5.1)
 
 
@@ -148,8 +151,10 @@ class _PolyTrainingDefaults:
     """Training-only fields shared by the training configs.
 
     Args:
-        decoder_init_norm: if set, scale C1 so the mean row norm of U @ C1 is this.
-        c1_init: "orthogonal" (default; sqrt(2) x orthonormal rows) or "kaiming" (paper).
+        init_preset: "package" (default) or "authors" (the authors' code's init).
+        decoder_init_norm: package preset: scale C1 so the mean row norm of U @ C1 is
+            this; authors preset: the norm of W_enc's columns (None: 0.1).
+        c1_init: "orthogonal" (default; sqrt(2) x orthonormal rows) or "kaiming".
         c1_lr_scale: factor on C1's optimizer step; default d_sae / R1, 1.0 = paper.
         stiefel_every_n_steps: retract U after every n-th optimizer step (0: never).
         stiefel_method: "cholesky_qr" (default) or "qr"; both give the same Q.
@@ -157,15 +162,31 @@ class _PolyTrainingDefaults:
         fused_adam: run the Adam optimizer that updates this SAE with torch's fused kernel.
     """
 
+    init_preset: str = "package"
+    """Which initial weights to draw (:mod:`polysae_lens.init`). Both draw U
+    orthonormal (QR of a Gaussian), zero biases and the lambda inits.
+    ``"package"`` (default; trains faster, README "Training dynamics"): C1 per
+    ``c1_init``, C2 and C3 Kaiming-uniform in their [R, d_in] storage
+    (fan_in = d_in), and W_enc tied to the first-order decoder, ``(U @ C1)^T``
+    (the package's choice, as SAELens ties W_enc to W_dec^T). ``"authors"``: the
+    distribution of the authors' research fork (SAELens 6.22): C1, C2 and C3
+    Kaiming-uniform as [d_in, R] tensors (fan_in = R, so C2 is sqrt(d_in / R2)
+    times larger), and W_enc not tied to the decoder but the transpose of a
+    random placeholder decoder whose rows have norm ``decoder_init_norm``. It
+    sets ``c1_init="kaiming"`` and, if ``decoder_init_norm`` is None, 0.1 (SAELens
+    6.22's default). ``c1_lr_scale`` stays separate: 1.0 is the paper's."""
     decoder_init_norm: float | None = None
-    """If set, C1 is scaled at init so the mean row norm of the first-order
-    decoder ``U @ C1`` equals this value. ``None`` (default) keeps the paper's
-    Kaiming-uniform C1 (Sec. 4)."""
+    """With ``init_preset="package"``: if set, C1 is scaled at init so the mean
+    row norm of the first-order decoder ``U @ C1`` equals this value; ``None``
+    (default) leaves C1 as ``c1_init`` draws it. With ``init_preset="authors"``:
+    the norm of each column of W_enc (SAELens's meaning: the norm of each row of
+    the placeholder decoder W_enc is the transpose of)."""
     c1_init: str = "orthogonal"
-    """Initialisation of C1: ``"orthogonal"`` (default; sqrt(2) times a matrix
-    with orthonormal rows: the Frobenius norm of Kaiming's init with condition
-    number 1, so the first-order decoder U @ C1 starts well conditioned) or
-    ``"kaiming"`` (the paper's Kaiming-uniform, Sec. 4)."""
+    """Initialisation of C1 under ``init_preset="package"``: ``"orthogonal"``
+    (default; sqrt(2) times a matrix with orthonormal rows: the Frobenius norm
+    of Kaiming's init with condition number 1, so the first-order decoder
+    U @ C1 starts well conditioned) or ``"kaiming"`` (Kaiming-uniform in C1's
+    [R1, d_in] storage). ``init_preset="authors"`` sets it to ``"kaiming"``."""
     c1_lr_scale: float | None = None
     """Factor applied to C1's optimizer step (for Adam, exactly its learning rate
     relative to the other parameters). ``None`` (default) means d_sae / R1: with
@@ -199,10 +220,19 @@ class _PolyTrainingDefaults:
             )
         if not isinstance(self.fused_adam, bool):
             raise ValueError(f"fused_adam={self.fused_adam!r} must be True or False.")
+        if self.init_preset not in INIT_PRESETS:
+            raise ValueError(
+                f"init_preset={self.init_preset!r} is not allowed: use one of {list(INIT_PRESETS)}."
+            )
         if self.c1_init not in C1_INITS:
             raise ValueError(
                 f"c1_init={self.c1_init!r} is not allowed: use one of {list(C1_INITS)}."
             )
+        if self.init_preset == "authors":
+            # The preset is the whole init: record what it draws in cfg.json.
+            self.c1_init = "kaiming"
+            if self.decoder_init_norm is None:
+                self.decoder_init_norm = AUTHORS_DECODER_INIT_NORM
         scale = self.c1_lr_scale
         if scale is not None and (
             not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0

@@ -49,6 +49,7 @@ from polysae_lens.config import (
     PolyTopKSAEConfig,
     PolyTopKTrainingSAEConfig,
 )
+from polysae_lens.init import initial_weights
 from polysae_lens.polynomial import (
     PolyDecoderWeights,
     decoder_terms,
@@ -129,31 +130,30 @@ class PolyDecoderMixin(_Base):
     @override
     def initialize_weights(self) -> None:
         cfg = self.cfg
-        r1, r2, r3 = cfg.ranks
         factory: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
+        # The weights of cfg.init_preset (polysae_lens.init); inference configs
+        # have no init fields and take the package's (the weights get loaded).
+        weights = initial_weights(
+            cfg.d_in,
+            cfg.d_sae,
+            cfg.ranks,
+            cfg.poly_order,
+            init_preset=getattr(cfg, "init_preset", "package"),
+            c1_init=getattr(cfg, "c1_init", "orthogonal"),
+            decoder_init_norm=getattr(cfg, "decoder_init_norm", None),
+            dtype=self.dtype,
+            device=self.device,
+        )
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **factory))
-        # Paper Sec. 4: U orthonormal (QR of a Gaussian), C's Kaiming-uniform; C1
-        # is orthogonal by default instead (c1_init; README "Training dynamics").
-        gaussian = torch.randn(cfg.d_sae, r1, device=self.device, dtype=torch.float32)
-        self.U = nn.Parameter(qr_retract(gaussian).to(self.dtype))
-        if getattr(cfg, "c1_init", "orthogonal") == "orthogonal":
-            rows = torch.randn(cfg.d_in, r1, device=self.device, dtype=torch.float32)
-            C1 = (2.0**0.5 * qr_retract(rows).T).to(self.dtype)
-        else:
-            C1 = _kaiming_uniform(r1, cfg.d_in, factory)
-        self.C1 = nn.Parameter(C1.contiguous())
-        if cfg.poly_order >= 2:
-            self.C2 = nn.Parameter(_kaiming_uniform(r2, cfg.d_in, factory))
+        self.U = nn.Parameter(weights.U_FR)
+        self.C1 = nn.Parameter(weights.C1_RD)
+        if weights.C2_SD is not None:
+            self.C2 = nn.Parameter(weights.C2_SD)
             self.lambda2 = nn.Parameter(torch.tensor(float(cfg.lambda2_init), **factory))
-        if cfg.poly_order >= 3:
-            self.C3 = nn.Parameter(_kaiming_uniform(r3, cfg.d_in, factory))
+        if weights.C3_TD is not None:
+            self.C3 = nn.Parameter(weights.C3_TD)
             self.lambda3 = nn.Parameter(torch.tensor(float(cfg.lambda3_init), **factory))
-        target_norm = getattr(cfg, "decoder_init_norm", None)
-        with torch.no_grad():
-            if target_norm is not None and self.device.type != "meta":
-                self.C1.mul_(target_norm / self.W_dec.norm(dim=-1).mean())
-            # Tie the encoder to the initial first-order decoder (paper Sec. 4).
-            self.W_enc = nn.Parameter(self.W_dec.T.contiguous())
+        self.W_enc = nn.Parameter(weights.W_enc_DF)
         for name in self.sparsifier_params:
             setattr(self, name, nn.Parameter(torch.zeros(cfg.d_sae, **factory)))
         track_for_retraction(self)
@@ -731,12 +731,6 @@ class PolyGatedTrainingSAE(_GatedBiases, PolyTrainingMixin, GatedTrainingSAE):
 
 
 # ---- helpers ---------------------------------------------------------------
-
-
-def _kaiming_uniform(rows: int, cols: int, factory: dict[str, Any]) -> Tensor:
-    weight = torch.empty(rows, cols, **factory)
-    nn.init.kaiming_uniform_(weight)
-    return weight
 
 
 def _batchtopk_threshold(topk_threshold: Tensor, b_enc_F: Tensor) -> Tensor:
