@@ -42,13 +42,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
+from polysae_lens import train_help
+from polysae_lens.train_help import DEFAULT_ARCHITECTURE, POLY_ARCHITECTURES
 
-from polysae_lens.demo import add_demo_arguments, demo_command
-from polysae_lens.evals.cli import add_eval_arguments, eval_command
-from polysae_lens.sae import ARCHITECTURES, is_poly_sae
-from polysae_lens.stiefel import orthogonality_error
-
+# Heavy modules (torch, SAELens, TransformerLens, the evaluators) are imported
+# where they are used, so that `--help` and bad flags answer in about a second.
 if TYPE_CHECKING:
     from sae_lens.config import HfDataset, LanguageModelSAERunnerConfig
     from sae_lens.saes.sae import TrainingSAE
@@ -57,7 +55,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROG = "polysae-lens"
-DEFAULT_ARCHITECTURE = "poly"
 REQUIRED_SAE_LENS = "sae-lens >= 6.54, < 7 (developed against 6.54.12)"
 _ARCHITECTURE_FLAGS = ("--architecture", "--sae")
 
@@ -73,21 +70,33 @@ class CLIError(ValueError):
 def parse_train_args(args: Sequence[str]) -> LanguageModelSAERunnerConfig[Any]:
     """Parse ``train`` flags into SAELens's ``LanguageModelSAERunnerConfig``.
 
-    ``--architecture`` defaults to ``"poly"``. No flags at all (like ``-h``)
-    prints the help of the ``poly`` architecture and exits. Raises
+    ``--architecture`` defaults to ``"poly"``. No flags at all, ``-h`` or
+    ``--help`` print the quick help (:func:`polysae_lens.train_help.quick_help`,
+    which loads no SAELens) and exit; ``--help-all`` prints SAELens's help of
+    every flag of the chosen architecture and exits. Raises
     :class:`CLIError` for a bad value (unknown architecture, wrong type, a
     config that fails validation); argparse itself exits with status 2 on
     unknown flags.
     """
+    args = list(args)
+    if not args or "-h" in args or "--help" in args:
+        sys.stdout.write(train_help.quick_help())
+        raise SystemExit(0)
+    full_help = "--help-all" in args
+    if full_help:
+        args = [("--help" if a == "--help-all" else a) for a in args]
     parse_cfg_args = _sae_lens_parser()
-    args = list(args) or ["--help"]
     architecture = _architecture_arg(args)
     if architecture is None:
+        architecture = DEFAULT_ARCHITECTURE
         args = ["--architecture", DEFAULT_ARCHITECTURE, *args]
     else:
         _check_architecture(architecture)
+    help_context = (
+        train_help.corrected_sae_lens_help(architecture) if full_help else contextlib.nullcontext()
+    )
     try:
-        with _prog(f"{PROG} train"):
+        with _prog(f"{PROG} train"), help_context:
             return parse_cfg_args(args)
     except argparse.ArgumentError as e:
         raise CLIError(str(e)) from e
@@ -109,6 +118,7 @@ def run_train(
     passed to the runner unchanged (offline use, tests). The SIGINT/SIGTERM
     handlers the runner installs are restored afterwards.
     """
+    import torch
     from sae_lens import LanguageModelSAETrainingRunner
 
     torch.manual_seed(cfg.seed)
@@ -121,6 +131,11 @@ def run_train(
 
 def summarize(sae: TrainingSAE[Any], cfg: LanguageModelSAERunnerConfig[Any]) -> str:
     """One line describing a finished training run."""
+    import torch
+
+    from polysae_lens.sae import is_poly_sae
+    from polysae_lens.stiefel import orthogonality_error
+
     parts = [
         f"trained {cfg.sae.architecture()} SAE",
         f"d_in={sae.cfg.d_in}",
@@ -149,14 +164,31 @@ def _train_command(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _configure_train(parser: argparse.ArgumentParser) -> None:
     # Every flag is SAELens's: they are forwarded, unparsed, to its parser.
-    parser.description = (
-        "Train an SAE with SAELens's LanguageModelSAETrainingRunner. Takes every flag "
-        "of SAELens's training CLI plus the PolySAE fields (--poly_order, --poly_ranks "
-        "R1 R2 R3, --lambda2_init, --lambda3_init, --stiefel_every_n_steps, "
-        f"--stiefel_project_moments). --architecture defaults to {DEFAULT_ARCHITECTURE!r}; "
-        f"PolySAE architectures: {', '.join(ARCHITECTURES)}. "
-        f"'{PROG} train --help' lists every flag."
-    )
+    parser.description = train_help.DESCRIPTION
+
+
+def _configure_eval(parser: argparse.ArgumentParser) -> None:
+    from polysae_lens.evals.cli import add_eval_arguments
+
+    add_eval_arguments(parser)
+
+
+def _eval_command(args: argparse.Namespace, rest: list[str]) -> int:
+    from polysae_lens.evals.cli import eval_command
+
+    return eval_command(args, rest)
+
+
+def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    from polysae_lens.demo import add_demo_arguments
+
+    add_demo_arguments(parser)
+
+
+def _demo_command(args: argparse.Namespace, rest: list[str]) -> int:
+    from polysae_lens.demo import demo_command
+
+    return demo_command(args, rest)
 
 
 # ---- subcommand registry -----------------------------------------------------
@@ -191,21 +223,26 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand(
         name="eval",
         help="score an SAE with the paper's sparse-probing F1 and Wasserstein distance",
-        configure=add_eval_arguments,
-        run=eval_command,
+        configure=_configure_eval,
+        run=_eval_command,
     ),
     Subcommand(
         name="demo",
         help="compare PolySAE with a linear SAE on synthetic compositional ground truth",
-        configure=add_demo_arguments,
-        run=demo_command,
+        configure=_configure_demo,
+        run=_demo_command,
     ),
 ]
 """The subcommands of ``polysae-lens``, in help order."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser, with one sub-parser per entry of :data:`SUBCOMMANDS`."""
+def build_parser(configure: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The top-level parser, with one sub-parser per entry of :data:`SUBCOMMANDS`.
+
+    Only the sub-parsers named in ``configure`` (all if None) get their own
+    arguments: configuring ``eval`` imports the evaluators, which ``train --help``
+    should not pay for.
+    """
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="PolySAE (sparse autoencoders with a polynomial decoder) for SAELens.",
@@ -214,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for sub in SUBCOMMANDS:
         sub_parser = subparsers.add_parser(sub.name, help=sub.help, add_help=not sub.forward_args)
-        sub.configure(sub_parser)
+        if configure is None or sub.name in configure:
+            sub.configure(sub_parser)
         sub_parser.set_defaults(subcommand=sub)
     return parser
 
@@ -222,8 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``polysae-lens`` and ``python -m polysae_lens``; returns the
     exit status."""
-    parser = build_parser()
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The subcommand is the first word that is not an option (top-level options take no value).
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(configure=[command] if command else [])
+    args, rest = parser.parse_known_args(argv)
     sub: Subcommand | None = getattr(args, "subcommand", None)
     if sub is None:
         parser.print_help(sys.stderr)
@@ -274,10 +315,10 @@ def _check_architecture(architecture: str) -> None:
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
     if architecture not in SAE_TRAINING_CLASS_REGISTRY:
-        others = sorted(set(SAE_TRAINING_CLASS_REGISTRY) - set(ARCHITECTURES))
+        others = sorted(set(SAE_TRAINING_CLASS_REGISTRY) - set(POLY_ARCHITECTURES))
         raise CLIError(
             f"unknown architecture {architecture!r}. PolySAE architectures: "
-            f"{', '.join(ARCHITECTURES)}; other SAELens architectures: {', '.join(others)}."
+            f"{', '.join(POLY_ARCHITECTURES)}; other SAELens architectures: {', '.join(others)}."
         )
 
 

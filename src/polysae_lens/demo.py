@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from polysae_lens.report import format_table, summary_rows, write_outputs
-from polysae_lens.study import StudyConfig, run_study, with_overrides
+# torch and the study (SAELens) load in demo_command: `demo --help` stays instant.
+if TYPE_CHECKING:
+    from polysae_lens.study import StudyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +48,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_config(args: argparse.Namespace) -> StudyConfig:
     """The study configuration the flags describe."""
+    from polysae_lens.study import StudyConfig, with_overrides
+
     if args.training_samples is not None and args.training_samples < 1:
         raise ValueError(f"--training-samples must be positive, got {args.training_samples}")
     base = StudyConfig.quick(seed=args.seed) if args.quick else StudyConfig(seed=args.seed)
@@ -56,6 +57,11 @@ def demo_config(args: argparse.Namespace) -> StudyConfig:
 
 
 def demo_command(args: argparse.Namespace, rest: list[str]) -> int:
+    import torch
+
+    from polysae_lens.report import format_table, summary_rows, write_outputs
+    from polysae_lens.study import run_study
+
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
