@@ -1,0 +1,369 @@
+"""In-class benchmark (issue 13): can training find what PolySAE can express?
+
+Activations come from a random PolySAE decoder (:mod:`polysae_lens.inclass`:
+d_in 64, 256 atoms, exactly k = 3 active per row, R2 = 8, 30% of the centred
+signal energy in the quadratic term, total signal energy 1). Every contender
+has width 256 and k 3 and is trained by SAELens's stock ``SAETrainer`` (Adam,
+lr 3e-3, constant schedule, batch 512, grad-norm clip 1) on the same stream;
+held-out MSE (sum over d_in, mean over rows) is read at a budget ``B`` and at
+``4B`` of the same run (a constant schedule makes the first ``B`` steps of a
+4B run a B-step run). Contenders:
+
+- ``topk``: SAELens's ``TopKTrainingSAE`` (``rescale_acts_by_decoder_norm=False``).
+- ``poly2``: TopK PolySAE of order 2, ranks (64, 8, 8), package defaults.
+- ``poly2 paper``: the same with the paper's settings (``init_preset="authors"``
+  where the package has it, else ``c1_init="kaiming"``; ``c1_lr_scale=1.0``).
+- ``poly1``: the order-1 ablation (package defaults).
+- ``oracle``: ``poly2`` started at the true decoder (encoder tied to it), trained
+  the same way (:func:`polysae_lens.inclass.oracle_sae`).
+
+``gap closed`` = (MSE_topk - MSE_poly2) / (MSE_topk - MSE_oracle), per seed.
+A ``linear`` suite repeats TopK, poly2 and poly1 on linear data (SAELens's
+``FeatureDictionary`` atoms, the same codes, no interactions).
+
+Run from the repository root (one thread; a full run takes ~10-20 min on a
+loaded 2-core machine, ``--quick`` well under a minute)::
+
+    .venv/bin/python benchmarks/inclass.py [--quick] [--seeds 0 1 2] [--budget 1500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import sae_lens.training.sae_trainer as sae_trainer_module
+import torch
+from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.config import SAETrainerConfig
+from sae_lens.synthetic import FeatureDictionary
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig
+from polysae_lens.inclass import (
+    InClassConfig,
+    InClassGroundTruth,
+    build_in_class,
+    oracle_sae,
+    sample_codes,
+)
+
+sae_trainer_module.tqdm = functools.partial(tqdm, disable=True)  # type: ignore[attr-defined]
+
+
+def paper_kwargs() -> dict[str, Any]:
+    """The paper's settings, through ``init_preset`` when the package has it."""
+    fields = {f.name for f in dataclasses.fields(PolyTopKTrainingSAEConfig)}
+    if "init_preset" in fields:
+        return {"init_preset": "authors", "c1_lr_scale": 1.0}
+    return {"c1_init": "kaiming", "c1_lr_scale": 1.0}
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One SAE recipe: ``kind`` is "topk", "poly" or "oracle"."""
+
+    name: str
+    kind: str
+    order: int = 2
+    poly_kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+def contenders(with_paper: bool = True, with_oracle: bool = True) -> list[Contender]:
+    rows = [
+        Contender("topk", "topk"),
+        Contender("poly2", "poly", 2),
+        Contender("poly1", "poly", 1),
+    ]
+    if with_paper:
+        rows.insert(2, Contender("poly2 paper", "poly", 2, tuple(paper_kwargs().items())))
+    if with_oracle:
+        rows.append(Contender("oracle", "oracle", 2))
+    return rows
+
+
+class DataSource:
+    """A seeded stream of activations: in-class, or linear (``linear=True``:
+    SAELens's ``FeatureDictionary`` atoms with the in-class codes)."""
+
+    def __init__(self, truth: InClassGroundTruth, linear: bool = False) -> None:
+        self.truth = truth
+        self.dictionary: FeatureDictionary | None = None
+        if linear:
+            cfg = truth.cfg
+            with torch.random.fork_rng():
+                self.dictionary = FeatureDictionary(cfg.num_atoms, cfg.d_in, seed=cfg.seed)
+
+    @torch.no_grad()
+    def sample(self, n: int, gen: torch.Generator) -> Tensor:
+        if self.dictionary is None:
+            return self.truth.sample(n, gen).x_BD
+        z_BN = sample_codes(self.truth.cfg, self.truth.firing_weights_N, n, gen)
+        return self.dictionary(z_BN)
+
+
+def build(c: Contender, truth: InClassGroundTruth, k: int) -> nn.Module:
+    cfg = truth.cfg
+    if c.kind == "topk":
+        return TopKTrainingSAE(
+            TopKTrainingSAEConfig(
+                d_in=cfg.d_in, d_sae=cfg.num_atoms, k=k, rescale_acts_by_decoder_norm=False
+            )
+        )
+    if c.kind == "oracle":
+        return oracle_sae(truth, k, **dict(c.poly_kwargs))
+    r1, r2, r3 = cfg.ranks
+    return PolyTopKTrainingSAE(
+        PolyTopKTrainingSAEConfig(
+            d_in=cfg.d_in,
+            d_sae=cfg.num_atoms,
+            k=k,
+            poly_order=c.order,
+            poly_ranks=(r1, r2, r3),
+            **dict(c.poly_kwargs),
+        )
+    )
+
+
+@torch.no_grad()
+def heldout_mse(sae: nn.Module, x_BD: Tensor) -> float:
+    was_training = sae.training
+    sae.eval()
+    out = sae(x_BD)
+    sae.train(was_training)
+    return float((out - x_BD).pow(2).sum(-1).mean())
+
+
+@dataclass
+class RunResult:
+    name: str
+    seed: int
+    mse: dict[int, float] = field(default_factory=dict)
+    ms_per_step: float = float("nan")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Probe = Callable[[nn.Module, int], dict[str, float]]
+
+
+def train(
+    c: Contender,
+    source: DataSource,
+    seed: int,
+    steps: int,
+    checkpoints: list[int],
+    eval_x: Tensor,
+    *,
+    lr: float = 3e-3,
+    batch: int = 512,
+    k: int = 3,
+    probe: Probe | None = None,
+    probe_every: int = 0,
+    setup: Callable[[SAETrainer, nn.Module], None] | None = None,
+) -> RunResult:
+    """Train one contender through the stock SAETrainer; MSE at ``checkpoints``.
+
+    ``probe(sae, step)`` (every ``probe_every`` steps) records diagnostics;
+    ``setup(trainer, sae)`` runs before training (extra hooks, weight edits).
+    """
+    torch.manual_seed(seed)
+    sae = build(c, source.truth, k)
+    result = RunResult(c.name, seed)
+    gen = source.truth.generator(100 + seed)
+    step_times: list[float] = []
+    trace: list[dict[str, float]] = []
+
+    def data() -> Iterator[Tensor]:
+        step = 0
+        handed_out: float | None = None
+        while True:
+            if handed_out is not None:
+                step_times.append(time.perf_counter() - handed_out)
+            if step in checkpoints:
+                result.mse[step] = heldout_mse(sae, eval_x)
+            if probe is not None and probe_every and step % probe_every == 0:
+                trace.append({"step": step, **probe(sae, step)})
+            x = source.sample(batch, gen)
+            step += 1
+            handed_out = time.perf_counter()
+            yield x
+
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr
+    )
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data())
+    if setup is not None:
+        setup(trainer, sae)
+    trainer.fit()
+    result.mse[steps] = heldout_mse(sae, eval_x)
+    if probe is not None:
+        trace.append({"step": steps, **probe(sae, steps)})
+        result.extra["trace"] = trace  # type: ignore[assignment]
+    result.ms_per_step = 1000 * statistics.median(step_times[5:] or step_times)
+    for name in ("lambda2", "lambda3"):
+        if hasattr(sae, name) and getattr(sae.cfg, "poly_order", 0) >= int(name[-1]):
+            result.extra[name] = float(getattr(sae, name).detach())
+    return result
+
+
+def gap_closed(topk: float, poly: float, oracle: float) -> float:
+    """Fraction of the TopK-to-oracle MSE gap that ``poly`` closes."""
+    return (topk - poly) / (topk - oracle)
+
+
+def summarise(results: list[RunResult], budgets: list[int]) -> dict[str, dict[int, list[float]]]:
+    table: dict[str, dict[int, list[float]]] = {}
+    for r in results:
+        for b in budgets:
+            table.setdefault(r.name, {}).setdefault(b, []).append(r.mse[b])
+    return table
+
+
+def fmt(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def print_table(title: str, results: list[RunResult], budgets: list[int]) -> None:
+    table = summarise(results, budgets)
+    names = list(table)
+    print(f"\n=== {title} (held-out MSE, mean ± sd over seeds) ===")
+    print("| steps | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for b in budgets:
+        print(f"| {b} | " + " | ".join(fmt(table[n][b]) for n in names) + " |")
+    if "oracle" in table and "topk" in table:
+        for name in names:
+            if name in ("topk", "oracle"):
+                continue
+            for b in budgets:
+                per_seed = [
+                    gap_closed(t, p, o)
+                    for t, p, o in zip(
+                        table["topk"][b], table[name][b], table["oracle"][b], strict=True
+                    )
+                ]
+                print(f"gap closed by {name} at {b}: {fmt(per_seed)} (per seed {per_seed})")
+    elif "topk" in table:
+        for name in names:
+            if name == "topk":
+                continue
+            for b in budgets:
+                ratio = [p / t for t, p in zip(table["topk"][b], table[name][b], strict=True)]
+                print(f"MSE {name} / topk at {b}: {fmt(ratio)}")
+    times: dict[str, list[float]] = {}
+    for r in results:
+        times.setdefault(r.name, []).append(r.ms_per_step)
+    print(
+        "ms/step (median over steps, mean over seeds): "
+        + ", ".join(f"{n} {statistics.mean(v):.2f}" for n, v in times.items())
+    )
+    lambdas = [(r.name, r.seed, r.extra.get("lambda2")) for r in results if "lambda2" in r.extra]
+    if lambdas:
+        print("final lambda2: " + ", ".join(f"{n}/s{s} {v:+.2f}" for n, s, v in lambdas))
+
+
+def run_suite(
+    title: str,
+    rows: list[Contender],
+    cfg: InClassConfig,
+    seeds: list[int],
+    budget: int,
+    n_eval: int,
+    linear: bool = False,
+    k: int = 3,
+    lr: float = 3e-3,
+    batch: int = 512,
+) -> list[RunResult]:
+    results = []
+    for seed in seeds:
+        truth = build_in_class(dataclasses.replace(cfg, seed=seed))
+        source = DataSource(truth, linear=linear)
+        eval_x = source.sample(n_eval, truth.generator(999_999))
+        for c in rows:
+            t0 = time.perf_counter()
+            results.append(
+                train(c, source, seed, 4 * budget, [budget], eval_x, lr=lr, batch=batch, k=k)
+            )
+            print(
+                f"  [{title}] seed {seed} {c.name}: {time.perf_counter() - t0:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+    print_table(
+        f"{title}, lr {lr:g}, batch {batch}, k {k}, seeds {seeds}", results, [budget, 4 * budget]
+    )
+    return results
+
+
+QUICK_CFG = InClassConfig(d_in=16, num_atoms=48, ranks=(16, 4, 4), k=2, calibration_samples=4096)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, a few steps")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--budget", type=int, default=None, help="B (steps); 4B also reported")
+    parser.add_argument(
+        "--suite", nargs="+", default=["inclass", "linear"], choices=["inclass", "linear", "order3"]
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = QUICK_CFG if args.quick else InClassConfig()
+    k = cfg.k
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    budget = args.budget or (20 if args.quick else 1500)
+    n_eval = 512 if args.quick else 8192
+    batch = 64 if args.quick else 512
+    start = time.perf_counter()
+    report: dict[str, Any] = {}
+    if "inclass" in args.suite:
+        res = run_suite(
+            "in-class order 2", contenders(), cfg, seeds, budget, n_eval, k=k, batch=batch
+        )
+        report["inclass"] = [vars(r) for r in res]
+    if "order3" in args.suite:
+        cfg3 = dataclasses.replace(cfg, poly_order=3, quadratic_share=0.2, cubic_share=0.15)
+        rows = [
+            Contender("topk", "topk"),
+            Contender("poly3", "poly", 3),
+            Contender("oracle", "oracle", 3),
+        ]
+        res = run_suite("in-class order 3", rows, cfg3, seeds, budget, n_eval, k=k, batch=batch)
+        report["order3"] = [vars(r) for r in res]
+    if "linear" in args.suite:
+        res = run_suite(
+            "linear data",
+            contenders(with_oracle=False),
+            cfg,
+            seeds,
+            budget,
+            n_eval,
+            linear=True,
+            k=k,
+            batch=batch,
+        )
+        report["linear"] = [vars(r) for r in res]
+    print(
+        f"\ntotal wall time {time.perf_counter() - start:.0f}s (threads {torch.get_num_threads()})"
+    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1, default=str)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""benchmarks/inclass.py measures what its table says (run on tiny sizes, not timed)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import inclass as bench
+
+from polysae_lens import PolyTopKTrainingSAE
+from polysae_lens.inclass import build_in_class
+
+
+def test_quick_run_prints_every_contender_and_both_budgets(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report = bench.main(["--quick"])
+    out = capsys.readouterr().out
+    for row in ("| 20 |", "| 80 |", "gap closed by poly2 at 20", "MSE poly1 / topk at 80"):
+        assert row in out
+    names = {r["name"] for r in report["inclass"]}
+    assert names == {"topk", "poly2", "poly2 paper", "poly1", "oracle"}
+    assert {r["name"] for r in report["linear"]} == {"topk", "poly2", "poly2 paper", "poly1"}
+    for r in report["inclass"]:
+        assert set(r["mse"]) == {20, 80}
+        assert all(0 < v < 10 for v in r["mse"].values())
+
+
+def test_contenders_are_configured_as_labelled() -> None:
+    truth = build_in_class(bench.QUICK_CFG)
+    built: dict[str, Any] = {
+        c.name: bench.build(c, truth, k=bench.QUICK_CFG.k) for c in bench.contenders()
+    }
+    assert not isinstance(built["topk"], PolyTopKTrainingSAE)
+    assert built["topk"].cfg.d_sae == bench.QUICK_CFG.num_atoms
+    assert built["poly2"].cfg.poly_order == 2 and built["poly1"].cfg.poly_order == 1
+    paper = built["poly2 paper"].cfg
+    assert paper.c1_lr_scale == 1.0 and paper.c1_init == "kaiming"
+    assert getattr(paper, "init_preset", "authors") == "authors"
+    assert built["poly2"].cfg.c1_lr_scale is None  # package defaults
+    oracle = built["oracle"]
+    assert torch.equal(oracle.U.detach(), truth.weights.U_FR)
+    z, x = truth.sample(32, truth.generator(0))
+    torch.testing.assert_close(oracle.decode(z), x, rtol=1e-5, atol=1e-5)
+
+
+def test_gap_closed() -> None:
+    assert bench.gap_closed(1.0, 0.5, 0.0) == pytest.approx(0.5)
+    assert bench.gap_closed(0.8, 0.8, 0.4) == pytest.approx(0.0)
+    assert bench.gap_closed(0.8, 0.9, 0.4) < 0
