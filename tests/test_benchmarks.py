@@ -51,3 +51,31 @@ def test_quick_run_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
         "infer/poly",
     ):
         assert row in out
+
+
+def test_gpu_suite_cpu_fallback_runs_its_checks_and_timings(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import gpu_suite
+
+    assert gpu_suite.main(["--device", "cpu", "--quick", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "no CUDA device" in out
+    assert "FAIL" not in out
+    for row in (
+        "poly_matryoshka step gradients (worst)",
+        "decode gradient, every latent",
+        "max |U^T U - I| after every step",
+        "bf16 autocast step loss vs float32",
+        "train/polysae",
+        "infer/saelens_topk",
+    ):
+        assert row in out
+    assert out.count("## tiny") == 2  # float32 and bf16 autocast
+
+
+def test_gpu_suite_reports_a_failed_check() -> None:
+    import gpu_suite
+
+    assert gpu_suite.Check("x", 2e-3, 1e-3).ok is False
+    assert gpu_suite.Check("x", 1e-3, 1e-3).ok is True

@@ -305,3 +305,20 @@ def test_fused_switch_leaves_other_optimizers_alone(case: str) -> None:
     before = [dict(g) for g in optimizer.param_groups]
     assert stiefel.use_fused_adam(optimizer, [sae, other]) is False
     assert [dict(g) for g in optimizer.param_groups] == before
+
+
+def test_deep_copies_of_a_polysae_are_retracted_too(arch: str) -> None:
+    # deepcopy rebuilds the module without __init__ (whole SAELens SAEs do not
+    # pickle: their hook_z reshaping holds a lambda)
+    import copy
+
+    sae = make_training_sae(arch)
+    twin = copy.deepcopy(sae)
+    assert twin.U is not sae.U
+    optimizer = torch.optim.Adam(twin.parameters(), lr=0.05)
+    x = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(2))
+    for _ in range(3):
+        (twin(x) - x).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert orthogonality_error(twin.U) < 1e-5

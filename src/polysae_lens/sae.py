@@ -158,6 +158,13 @@ class PolyDecoderMixin(_Base):
             setattr(self, name, nn.Parameter(torch.zeros(cfg.d_sae, **factory)))
         track_for_retraction(self)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # copy.deepcopy and unpickling rebuild the module without __init__, so
+        # the copy registers itself here; otherwise training it would silently
+        # never retract its U
+        super().__setstate__(state)
+        track_for_retraction(self)
+
     @property
     def decoder_weights(self) -> PolyDecoderWeights:
         """The decoder parameters, as the pure functions of ``polynomial`` take them."""
