@@ -46,7 +46,7 @@ from polysae_lens import orthogonality_error, qr_retract
 from polysae_lens.stiefel import cholesky_qr_retract_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training_step import Shape  # noqa: E402
+from training_step import Shape
 
 TIMING_SHAPES = {
     "gpt2": Shape("gpt2", 768, 16384, 64, 4096, (768, 64, 64)),
