@@ -4,9 +4,12 @@ Offline and CPU-only: activations come from ``sae_lens.synthetic`` (a random
 feature dictionary with sparse, independent firing), both SAEs are trained by
 SAELens's own ``train_toy_sae`` (its stock ``SAETrainer``) with the same width,
 k, learning rate and samples, and both are scored with
-``eval_sae_on_synthetic_data``. Run with ``make demo`` or::
+``eval_sae_on_synthetic_data``. Run with::
 
     python examples/train_synthetic.py --samples 400000
+
+These activations have no interactions to find; ``polysae-lens demo`` (``make
+demo``) is the study with planted interactions.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ Typical use::
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import torch
 from sae_lens import HookedSAETransformer
@@ -186,3 +188,40 @@ def make_tiny_sae_transformer(
     model = _build(HookedSAETransformer, d_model, tokenizer, seed)
     assert isinstance(model, HookedSAETransformer)
     return model
+
+
+def save_tiny_hf_model(directory: str | Path, seed: int = 0) -> Path:
+    """Save a tiny randomly initialised GPT-2 (HuggingFace ``transformers``) and the
+    offline tokenizer to ``directory``: a local model that ``--model_class_name
+    AutoModelForCausalLM --model_name DIR`` loads without the network. Its
+    residual hooks are ``transformer.h.{0,1}`` (width 16), its context
+    :data:`N_CTX` tokens."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    directory = Path(directory)
+    tokenizer = make_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=N_CTX,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_text_dataset(directory: str | Path, texts: list[str] | None = None) -> Path:
+    """``directory/train.jsonl`` with one ``{"text": ...}`` row per text (default
+    :data:`TEXTS`): a local dataset for ``--dataset_path DIR``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = texts if texts is not None else TEXTS
+    (directory / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    return directory

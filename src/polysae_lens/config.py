@@ -8,7 +8,7 @@ contract: they are the keys of ``cfg.json``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAEConfig
@@ -41,7 +41,7 @@ class PolyDecoderFields:
 
     Args:
         poly_order: 1 (linear), 2 (+ pairwise) or 3 (+ triple interactions).
-        poly_ranks: R1 R2 R3; default (d_in, min(64, d_in), min(64, d_in)).
+        poly_ranks: R1 R2 R3; default (min(d_in, d_sae), min(64, R1), min(64, R1)).
         lambda2_init: initial quadratic scale lambda2 (paper: -0.5).
         lambda3_init: initial cubic scale lambda3 (paper: 0.5).
     """
@@ -50,8 +50,8 @@ class PolyDecoderFields:
     """Highest power of the decoder: 1 (linear), 2 (+ pairwise) or 3 (+ triples)."""
     poly_ranks: tuple[int, int, int] | None = None
     """(R1, R2, R3): rank of the shared projection U and of the quadratic and
-    cubic terms. ``None`` means (d_in, min(64, d_in), min(64, d_in)), the paper's
-    GPT-2 setting. Bounds: 1 <= R2, R3 <= R1 <= min(d_in, d_sae). R1 <= d_sae
+    cubic terms. ``None`` means (R1, min(64, R1), min(64, R1)) with R1 =
+    min(d_in, d_sae): the paper's GPT-2 setting whenever d_sae >= d_in. Bounds: 1 <= R2, R3 <= R1 <= min(d_in, d_sae). R1 <= d_sae
     because U [d_sae, R1] has orthonormal columns; R1 <= d_in because a larger
     R1 only adds redundant rank to the linear term."""
     lambda2_init: float = -0.5
@@ -68,9 +68,22 @@ class PolyDecoderFields:
         def d_sae(self) -> int: ...
 
     def __post_init__(self) -> None:
+        self._validate_dims()
         self._validate_poly_fields()
         self._validate_k()
         super().__post_init__()  # type: ignore[misc]
+
+    def _validate_dims(self) -> None:
+        # Checked first: a cfg.json with "d_in": "768" would otherwise fail with a
+        # TypeError deep inside the rank arithmetic.
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"{name}={value!r} ({type(value).__name__}) must be a positive integer: "
+                    f'write it as a JSON integer in cfg.json (e.g. "{name}": 768) or pass '
+                    f"--{name} N."
+                )
 
     @property
     def ranks(self) -> tuple[int, int, int]:
@@ -85,8 +98,10 @@ class PolyDecoderFields:
                 "2 (linear + pairwise) or 3 (linear + pairwise + triple)."
             )
         if self.poly_ranks is None:
-            rank = min(DEFAULT_INTERACTION_RANK, self.d_in)
-            self.poly_ranks = (self.d_in, rank, rank)
+            # R1 <= d_sae too, so a narrow SAE (d_sae < d_in) gets valid defaults.
+            r1 = min(self.d_in, self.d_sae)
+            rank = min(DEFAULT_INTERACTION_RANK, r1)
+            self.poly_ranks = (r1, rank, rank)
         ranks = tuple(self.poly_ranks)
         if len(ranks) != 3 or not all(
             isinstance(r, int) and not isinstance(r, bool) for r in ranks
@@ -118,6 +133,13 @@ class PolyDecoderFields:
             return
         if not isinstance(k, (int, float)) or isinstance(k, bool) or not k > 0:
             raise ValueError(f"k={k!r} must be a positive number of active latents.")
+        if k > self.d_sae and k == _field_default(type(self), "k"):
+            raise ValueError(
+                f"k is missing (or left at SAELens's default k={k}), which is larger than "
+                f"d_sae={self.d_sae}. "
+                "Set k, the number of active latents per token, to at most d_sae "
+                '(command line: -k N; cfg.json: "k": N).'
+            )
         if k > self.d_sae:
             raise ValueError(
                 f"k={k} is larger than d_sae={self.d_sae}: at most d_sae latents can be active."
@@ -386,3 +408,11 @@ PolyConfig = (
     | PolyGatedTrainingSAEConfig
 )
 """Any PolySAE config."""
+
+
+def _field_default(cls: type, name: str) -> Any:
+    """The dataclass default of field ``name`` of ``cls`` (None if it has none)."""
+    for f in fields(cls):
+        if f.name == name:
+            return f.default
+    return None

@@ -14,6 +14,8 @@ import argparse
 import logging
 from typing import TYPE_CHECKING, Any
 
+from polysae_lens.preflight import PreflightError, check_threads
+
 # torch and the study (SAELens) load in demo_command: `demo --help` stays instant.
 if TYPE_CHECKING:
     from polysae_lens.study import StudyConfig
@@ -51,23 +53,27 @@ def demo_config(args: argparse.Namespace) -> StudyConfig:
     from polysae_lens.study import StudyConfig, with_overrides
 
     if args.training_samples is not None and args.training_samples < 1:
-        raise ValueError(f"--training-samples must be positive, got {args.training_samples}")
+        raise PreflightError(
+            f"--training-samples {args.training_samples} is not allowed: pass a positive "
+            "number of activation vectors, or leave it out for the default."
+        )
     base = StudyConfig.quick(seed=args.seed) if args.quick else StudyConfig(seed=args.seed)
     return with_overrides(base, training_samples=args.training_samples)
 
 
 def demo_command(args: argparse.Namespace, rest: list[str]) -> int:
+    check_threads(args.threads)
     import torch
 
+    from polysae_lens.progress import complete_progress_bar
     from polysae_lens.report import format_table, summary_rows, write_outputs
     from polysae_lens.study import run_study
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     cfg = demo_config(args)
-    results: dict[str, Any] = run_study(cfg)
+    with complete_progress_bar():
+        results: dict[str, Any] = run_study(cfg)
     paths = write_outputs(results, args.out)
     print(format_table(summary_rows(results)))
     print(f"\nwrote {', '.join(str(p) for p in paths)}")

@@ -58,6 +58,7 @@ from polysae_lens.polynomial import (
     project,
     terms_from_projection,
 )
+from polysae_lens.preflight import check_finite_input
 from polysae_lens.sparse import (
     SparseCode,
     code_from_positions,
@@ -341,6 +342,7 @@ class PolyTrainingMixin(PolyDecoderMixin):
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        check_finite_input(step_input.sae_in)
         if self.sparse_kernels and self._sparse_step_supported() and not _has_hooks(self):
             output = self._sparse_training_forward_pass(step_input)
         else:

@@ -1,0 +1,106 @@
+"""Checks that run before the expensive part of a command.
+
+A mistake found after the model is loaded or after hours of training costs a
+user those hours, so the commands check what they can first: paths and
+settings before anything is loaded (:func:`check_paths`), and the loaded model
+against the configuration before training starts (:func:`check_model`). Each
+failure is a :class:`PreflightError` whose message names the bad value and the
+fix; the command line prints it as one line. One check can only run during
+training: a batch of NaN or infinite activations (:func:`check_finite_input`,
+called by every PolySAE's training step).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sae_lens.config import LanguageModelSAERunnerConfig
+    from transformer_lens.hook_points import HookedRootModule
+
+logger = logging.getLogger(__name__)
+
+
+class PreflightError(ValueError):
+    """Input that cannot work; the message names the problem and the fix."""
+
+
+class NonFiniteInputError(ValueError):
+    """A training batch holds NaN or infinite activations."""
+
+
+def check_finite_input(sae_in: Any) -> None:
+    """Raise :class:`NonFiniteInputError` if the activation batch ``sae_in`` holds
+    NaN or inf. Without it, NaN input surfaces one step later as a failed
+    retraction of U and then a NaN SAE."""
+    import torch
+
+    # One reduction and a sync per step; the retraction syncs every step anyway.
+    if bool(torch.isfinite(sae_in).all()):
+        return
+    n_nan = int(torch.isnan(sae_in).sum())
+    n_inf = int(torch.isinf(sae_in).sum())
+    raise NonFiniteInputError(
+        f"a training batch of input activations contains NaN or inf ({n_nan} NaN and "
+        f"{n_inf} inf of {sae_in.numel()} values), so the SAE cannot train on it: check "
+        "the model's dtype (float16 overflows; try --dtype float32 or bfloat16), the "
+        "hook and the dataset."
+    )
+
+
+def check_model(cfg: LanguageModelSAERunnerConfig[Any], model: HookedRootModule) -> None:
+    """The loaded model has ``cfg.hook_name``, takes ``cfg.context_size`` tokens and
+    its hook is ``cfg.sae.d_in`` wide. One forward pass over a few tokens."""
+    import torch
+
+    hook = cfg.hook_name
+    hooks = list(getattr(model, "hook_dict", {}))
+    if hook not in hooks:
+        near = [h for h in hooks if h.rsplit(".", 1)[-1] == hook.rsplit(".", 1)[-1]][:3]
+        examples = near or hooks[:3]
+        raise PreflightError(
+            f"--hook_name {hook!r} is not a hook of model {cfg.model_name!r}: use one of its "
+            f"{len(hooks)} hook names, e.g. {', '.join(examples)}."
+        )
+    n_ctx = model_context_length(model)
+    if n_ctx is not None and cfg.context_size > n_ctx:
+        raise PreflightError(
+            f"--context_size {cfg.context_size} is longer than model {cfg.model_name!r}'s "
+            f"context of {n_ctx} tokens: pass --context_size {n_ctx} or less."
+        )
+    parameter = next(iter(model.parameters()), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    tokens = torch.zeros((1, min(4, n_ctx or 4)), dtype=torch.long, device=device)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[hook])
+    acts = cache[hook]
+    # The activation store flattens heads unless one head is selected.
+    width = acts.shape[-1] if cfg.hook_head_index is not None else acts[0, 0].numel()
+    if width != cfg.sae.d_in:
+        raise PreflightError(
+            f"--d_in {cfg.sae.d_in} does not match the width of {hook!r} in model "
+            f"{cfg.model_name!r}, which is {width}: pass --d_in {width}."
+        )
+
+
+def model_context_length(model: Any) -> int | None:
+    """The longest input ``model`` takes, if it says (TransformerLens ``cfg.n_ctx``
+    or a HuggingFace config's ``max_position_embeddings`` / ``n_positions``)."""
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if isinstance(n_ctx, int):
+        return n_ctx
+    hf_config = getattr(getattr(model, "model", None), "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise PreflightError(
+            f"--threads {threads} is not allowed: pass a number of CPU threads >= 1, or "
+            "leave it out for torch's choice."
+        )
