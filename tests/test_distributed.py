@@ -1,0 +1,253 @@
+"""Data-parallel training (polysae_lens.distributed) with 2 gloo ranks on CPU.
+
+The rank processes live in :mod:`tests.distributed_workers`. One spawn trains
+every scenario (the imports dominate a spawn's cost); the tests below read its
+results. The reference for "equals single-process training" is a plain
+``SAETrainer`` run on the same global batches, with no distributed code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from sae_lens.training.activation_scaler import ActivationScaler
+
+from polysae_lens.distributed import DistributedConfig, local_batch_size
+from polysae_lens.distributed.data import shard_dataset
+
+from . import distributed_workers as workers
+
+REPO = Path(__file__).resolve().parents[1]
+SPAWN_TIMEOUT_S = 120
+FAILURE_BOUND_S = 60
+
+
+def _spawn(out_dir: Path, scenarios: list[str], fail_rank: int | None) -> list[Any]:
+    """Start both ranks as spawned processes; return them once both exit
+    (terminated and failed if they outlive SPAWN_TIMEOUT_S)."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=workers.rank_main, args=(rank, str(out_dir), scenarios, fail_rank))
+        for rank in range(workers.WORLD_SIZE)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for proc in alive:
+        proc.terminate()
+        proc.join()
+    assert not alive, f"{len(alive)} rank(s) still running after {SPAWN_TIMEOUT_S} s"
+    return procs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out_dir = tmp_path_factory.mktemp("dp")
+    procs = _spawn(out_dir, list(workers.SCENARIOS), fail_rank=None)
+    assert [p.exitcode for p in procs] == [0, 0]
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(workers.WORLD_SIZE)]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("name", workers.EXACT_SCENARIOS)
+def test_data_parallel_equals_single_process(runs: list[dict[str, Any]], name: str) -> None:
+    ref = workers.train_reference(name)
+    initial = workers.make_sae(name).state_dict()
+    dp = runs[0][name]
+    for key, value in ref["state"].items():
+        assert relative_error(dp["state"][key], value) < 1e-5, key
+    # the run did move the SAE (the comparison above is not vacuous)
+    assert relative_error(initial["W_enc"], ref["state"]["W_enc"]) > 1e-2
+    # global token count and dead-latent statistics, exactly
+    assert dp["n_training_samples"] == ref["n_training_samples"] == workers.STEPS * 32
+    assert torch.equal(dp["since_fired"], ref["since_fired"])
+    assert torch.equal(dp["act_freq_scores"], ref["act_freq_scores"])
+    assert (dp["l0"], dp["dead"]) == (ref["l0"], ref["dead"])
+    assert ref["dead"] > 0  # AuxK and the dead mask were exercised
+
+
+@pytest.mark.parametrize("name", list(workers.SCENARIOS))
+def test_ranks_hold_identical_parameters_after_every_step(
+    runs: list[dict[str, Any]], name: str
+) -> None:
+    hashes = [run[name]["hashes"] for run in runs]
+    assert len(hashes[0]) == workers.STEPS + 1  # before step 0, after each step
+    assert hashes[0] == hashes[1]
+    assert len(set(hashes[0])) == len(hashes[0])  # every step changed the SAE
+    assert torch.equal(runs[0][name]["since_fired"], runs[1][name]["since_fired"])
+
+
+def test_batchtopk_threshold_uses_the_minimum_over_ranks(runs: list[dict[str, Any]]) -> None:
+    lr = workers.make_sae("batchtopk").cfg.topk_threshold_lr
+    expected = {"both": (1 - lr) + lr * 0.2, "one": (1 - lr) + lr * 0.4, "none": 1.0}
+    for run in runs:
+        assert run["extras"]["thresholds"] == pytest.approx(expected, rel=1e-7)
+    # trained thresholds moved and are identical on both ranks (covered by the
+    # hashes, which include buffers)
+    for name in ("batchtopk", "poly_batchtopk"):
+        assert runs[0][name]["state"]["topk_threshold"].item() > 0
+
+
+def test_normalisation_estimates_use_the_global_batches(runs: list[dict[str, Any]]) -> None:
+    single = ActivationScaler()
+    single.estimate_scaling_factor(workers.D_IN, workers.norm_batches(None), workers.NORM_BATCHES)
+    single.estimate_whitening(workers.D_IN, workers.norm_batches(None), workers.NORM_BATCHES)
+    assert single.scaling_factor is not None and single.whitening is not None
+    for run in runs:
+        extras = run["extras"]
+        # float32 sums of norms in another order: equal up to rounding
+        assert extras["scaling_factor"] == pytest.approx(single.scaling_factor, rel=1e-6)
+        assert torch.equal(extras["whitening_matrix"], single.whitening.matrix)
+
+
+def test_a_failing_rank_ends_the_job(tmp_path: Path) -> None:
+    """Rank 1 raises at its 4th step; rank 0, waiting in an all-reduce, must
+    fail too (no launcher kills it here) well within the bound."""
+    start = time.monotonic()
+    procs = _spawn(tmp_path, ["topk"], fail_rank=1)
+    elapsed = time.monotonic() - start
+    assert all(p.exitcode not in (0, None) for p in procs), [p.exitcode for p in procs]
+    assert elapsed < FAILURE_BOUND_S
+    assert not list(tmp_path.glob("rank*.pt"))
+
+
+# ---- configuration errors ---------------------------------------------------------
+
+
+def test_batch_size_must_split_over_ranks() -> None:
+    assert local_batch_size(4096, 4) == 1024
+    with pytest.raises(ValueError, match=r"train_batch_size_tokens=30 .* world size 4.*28 or 32"):
+        local_batch_size(30, 4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"backend": "mpi"}, "backend='mpi'"),
+        ({"timeout_s": 0}, "timeout_s=0"),
+        ({"init_method": "tcp://h:1"}, "needs rank and world_size"),
+    ],
+)
+def test_distributed_config_validates(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DistributedConfig(**kwargs)
+
+
+def test_shards_are_disjoint_and_cover_the_dataset() -> None:
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"i": list(range(10))})
+    shards = [list(shard_dataset(data, r, 3)["i"]) for r in range(3)]
+    assert sorted(itertools.chain(*shards)) == list(range(10))
+    assert all(set(a).isdisjoint(b) for a in shards for b in shards if a is not b)
+    streamed = [
+        [row["i"] for row in shard_dataset(data.to_iterable_dataset(num_shards=2), r, 2)]
+        for r in range(2)
+    ]
+    assert sorted(itertools.chain(*streamed)) == list(range(10)) and not set(streamed[0]) & set(
+        streamed[1]
+    )
+
+
+# ---- the CLI under torchrun ---------------------------------------------------------
+
+
+def _tiny_hf_model(directory: Path) -> None:
+    """A 1-layer GPT-2 and the offline tokenizer, saved as a local HF model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .lm_fixtures import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def test_cli_trains_under_torchrun(tmp_path: Path) -> None:
+    from .lm_fixtures import TEXTS
+
+    model_dir, data_dir = tmp_path / "model", tmp_path / "texts"
+    _tiny_hf_model(model_dir)
+    data_dir.mkdir()
+    (data_dir / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    args = [
+        "--model_class_name", "AutoModelForCausalLM", "--model_name", str(model_dir),
+        "--hook_name", "transformer.h.0", "--dataset_path", str(data_dir),
+        "--d_in", "16", "--d_sae", "48", "-k", "4", "--poly_ranks", "12", "5", "3",
+        "--context_size", "16", "--training_tokens", "640",
+        "--train_batch_size_tokens", "32", "--store_batch_size_prompts", "2",
+        "--n_batches_in_buffer", "4", "--lr", "1e-2", "--log_to_wandb", "False",
+        "--n_checkpoints", "1", "--checkpoint_path", str(tmp_path / "checkpoints"),
+        "--output_path", str(tmp_path / "output"),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+    }  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+
+    def train(*extra: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [*launch, "-m", "polysae_lens", "train", *args, *extra],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    result = train()
+    log = result.stderr
+    for rank in (0, 1):
+        assert f"world size 2, rank {rank} (local rank {rank})" in log
+    assert "backend gloo" in log and "16 of 32 tokens per step" in log
+    assert log.count("data-parallel run finished on 2 ranks") == 1
+    summaries = [line for line in result.stdout.splitlines() if line.startswith("trained ")]
+    assert len(summaries) == 1 and "tokens=640" in summaries[0]
+    saved = json.loads((tmp_path / "output" / "cfg.json").read_text())
+    assert saved["architecture"] == "poly"
+    # one checkpoint directory for both ranks, each rank's data position in it
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()
+    (checkpoint,) = run_dir.iterdir()
+    assert (checkpoint / "activations_store_state.safetensors").exists()
+    assert (checkpoint / "activations_store_state.rank1.safetensors").exists()
+    assert (checkpoint / "trainer_state.pt").exists()
+
+    resumed = train("--resume_from_checkpoint", str(checkpoint))
+    for rank in (0, 1):
+        assert f"rank {rank} resuming from checkpoint {checkpoint}" in resumed.stderr
+    assert "has no data position" not in resumed.stderr
+    assert resumed.stderr.count("data-parallel run finished on 2 ranks") == 1
+
+
+def test_cli_rejects_a_batch_that_does_not_split(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from polysae_lens import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    args = ["train", "--d_in", "16", "--d_sae", "48", "-k", "4", "--train_batch_size_tokens", "32"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "train_batch_size_tokens=32" in err and "world size 3" in err
