@@ -29,6 +29,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
+    from torch.nn.parallel import DistributedDataParallel
 
     from polysae_lens.distributed.process_group import DistributedConfig
 
@@ -53,7 +54,7 @@ class _TrainingForward(nn.Module):
 @contextlib.contextmanager
 def ddp_training_forward(
     sae: TrainingSAE[Any], config: DistributedConfig, process_group: Any = None
-) -> Iterator[nn.Module]:
+) -> Iterator[DistributedDataParallel]:
     """Within the block, ``sae.training_forward_pass`` runs through DDP, so
     the gradients of every backward pass after it are averaged over the ranks
     of ``process_group`` (default: all). Yields the DDP module.

@@ -86,6 +86,10 @@ def train_distributed(
             runner = DistributedTrainingRunner(
                 cfg, context, override_dataset=override_dataset, override_model=override_model
             )
+            # the single-process CLI's checks of the model against the config
+            from polysae_lens import preflight
+
+            preflight.check_model(cfg, runner.model)
             sae = runner.run()
             if context.is_main:
                 logger.info(final_metrics_line(sae, cfg, context))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,15 @@ class DistributedSAETrainer(SAETrainer[T_TRAINING_SAE, T_TRAINING_SAE_CONFIG]):
         evaluator: Evaluator[T_TRAINING_SAE] | None = None,
         save_checkpoint_fn: SaveCheckpointFn | None = None,
         process_group: Any = None,
+        comm_hook: tuple[Any, Callable[..., Any]] | None = None,
     ) -> None:
         self.context = context
         self.process_group = process_group
+        self.comm_hook = comm_hook
+        """``(state, hook)`` for DistributedDataParallel's ``register_comm_hook``,
+        e.g. ``(None, torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook)``
+        to send bf16 gradients (then the ranks stay identical, but no longer
+        equal a single-process run)."""
         self.local_batch_size = local_batch_size(cfg.train_batch_size_samples, context.world_size)
         if not context.is_main and cfg.logger.log_to_wandb:
             cfg = dataclasses.replace(
@@ -82,9 +89,11 @@ class DistributedSAETrainer(SAETrainer[T_TRAINING_SAE, T_TRAINING_SAE_CONFIG]):
     def fit(self) -> T_TRAINING_SAE:
         self.sae.to(self.cfg.device)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(
+            ddp = stack.enter_context(
                 ddp_training_forward(self.sae, self.context.config, self.process_group)
             )
+            if self.comm_hook is not None:
+                ddp.register_comm_hook(*self.comm_hook)
             stack.enter_context(global_topk_threshold_update(self.sae, self.process_group))
             return super().fit()
 
