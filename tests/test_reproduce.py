@@ -15,13 +15,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sae_lens import SAE
+from sae_lens import SAE, ActivationsStore
+from sae_lens.evals import EvalConfig, run_evals
+from sae_lens.training.activation_scaler import ActivationScaler
 
 from polysae_lens import cli
 from polysae_lens.evals import ProbingEvalConfig, ProbingSuite
 from polysae_lens.reproduce import run as reproduce_run
 from polysae_lens.reproduce.plan import STATE_FILENAME, ReproducePlan, estimate, sae_param_count
 from polysae_lens.reproduce.settings import PAPER_SETTINGS, Setting
+from polysae_lens.reproduce.table import format_table
 
 from .lm_fixtures import TEXTS, make_tiny_model, write_text_dataset
 
@@ -177,6 +180,7 @@ def test_reproduce_runs_resumes_and_matches_the_evaluators(
     assert results["recipe"] == "package" and "package's PolySAE training defaults" in table
     assert results["time"]["total_seconds"] > 0 and results["time"]["gpu_seconds"] is None
     assert "n/a (not in our reference)" in table
+    assert "--paper-settings" in format_table({**results, "recipe": "paper"})
 
     # The reference: one suite over both datasets through the evaluator API,
     # summarised here with numpy (the run evaluates dataset by dataset and
@@ -210,9 +214,24 @@ def test_reproduce_runs_resumes_and_matches_the_evaluators(
         for i, key in enumerate(["f1_k1", "f1_k2", "f1_k5", "wasserstein_median"]):
             assert summary[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
             assert row[i] == pytest.approx(expected[key], rel=1e-3, abs=1e-4), key
-        assert row[4] == pytest.approx(summary["mse"], rel=1e-3)
-        assert row[6] == pytest.approx(summary["ce_loss_increase"], rel=1e-3, abs=1e-4)
-        assert summary["mse"] > 0 and summary["explained_variance"] <= 1
+        # Reconstruction: SAELens's run_evals on the same stream, built from the SAE.
+        store = ActivationsStore.from_sae(
+            suite.model, sae, dataset=str(tmp_path / "texts"), context_size=16,
+            store_batch_size_prompts=2, n_batches_in_buffer=4, train_batch_size_tokens=32,
+        )  # fmt: skip
+        eval_config = EvalConfig(
+            batch_size_prompts=2, n_eval_reconstruction_batches=2, compute_ce_loss=True,
+            n_eval_sparsity_variance_batches=2, compute_variance_metrics=True,
+        )  # fmt: skip
+        metrics, _ = run_evals(sae, store, suite.model, ActivationScaler(), eval_config)
+        ce = metrics["model_performance_preservation"]
+        mse = metrics["reconstruction_quality"]["mse"]
+        ev = metrics["reconstruction_quality"]["explained_variance"]
+        increase = ce["ce_loss_with_sae"] - ce["ce_loss_without_sae"]
+        assert summary["mse"] == pytest.approx(mse, rel=1e-6)
+        assert summary["explained_variance"] == pytest.approx(ev, rel=1e-6)
+        assert summary["ce_loss_increase"] == pytest.approx(increase, rel=1e-6, abs=1e-7)
+        assert row[4:] == pytest.approx([mse, ev, increase], rel=1e-3, abs=1e-4)
     assert loads == ["tiny-offline", "tiny-offline"]  # once per command
 
 

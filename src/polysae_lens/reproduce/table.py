@@ -163,8 +163,8 @@ def write_plots(results: dict[str, Any], directory: Path) -> list[Path]:
             ax.bar(xs, values, width, label=SAE_LABELS[kind])
         ax.set_xticks(range(len(datasets)), datasets, rotation=30, ha="right")
         ax.set_ylabel(label)
-        if log:
-            ax.set_yscale("log")
+        if log and all(saes[k]["metrics"][key.format(d)] > 0 for k in saes for d in datasets):
+            ax.set_yscale("log")  # W1 values of the two SAEs can differ 2-10x
         ax.legend()
         ax.set_title(f"{results['plan']['setting']['name']}, {results['plan']['sparsifier']}")
         fig.tight_layout()
