@@ -1,10 +1,23 @@
 # Fresh machine: `make test` creates .venv, installs everything, runs the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A CPU-only machine must not pull the CUDA build of torch: install a CPU torch
-# before the package so pip keeps it. Override for GPU machines, e.g.
-#   make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
-TORCH_SPEC ?= torch==2.13.0
+# torch goes in before the package, so pip keeps it. TORCH_BUILD picks the build:
+# "cuda" (PyPI's default Linux build, CUDA libraries included: several GB) when
+# `nvidia-smi` finds an NVIDIA GPU, else "cpu" (PyTorch's CPU-only wheel index).
+# Override either way: make install TORCH_BUILD=cuda (or cpu); or give TORCH_SPEC
+# in full, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126".
+TORCH_VERSION ?= 2.13.0
+TORCH_BUILD ?= $(if $(shell nvidia-smi -L 2>/dev/null),cuda,cpu)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# An extra index, not --index-url: where it cannot be reached pip only warns and
+# takes torch from the other indexes or a local wheel (a CPU one on this project's
+# CI machines). With neither reachable, PyPI's Linux default is the CUDA build.
+TORCH_SPEC_cpu = torch==$(TORCH_VERSION) --extra-index-url $(TORCH_CPU_INDEX)
+TORCH_SPEC_cuda = torch==$(TORCH_VERSION)
+TORCH_SPEC ?= $(TORCH_SPEC_$(TORCH_BUILD))
+ifeq ($(filter $(TORCH_BUILD),cpu cuda),)
+$(error TORCH_BUILD=$(TORCH_BUILD) is not allowed: use cpu or cuda)
+endif
 
 .PHONY: install test lint format demo bench clean install-dashboard test-dashboard
 
@@ -13,7 +26,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -c "import torch" 2>/dev/null || { echo "installing torch ($(TORCH_BUILD) build): $(TORCH_SPEC)"; $(PY) -m pip install -q $(TORCH_SPEC); }
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -c "import sae_lens, polysae_lens; print('sae_lens', sae_lens.__version__, 'polysae_lens', polysae_lens.__version__)"
 	touch $@

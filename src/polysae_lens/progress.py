@@ -2,8 +2,9 @@
 
 ``SAETrainer`` advances its tqdm bar by 100 steps' worth of samples every 100th
 step, so a run whose step count is not a multiple of 100 ends short of 100%
-(0% under 100 steps). :func:`complete_progress_bar` tops the bar up after the
-last step for the runs the plugin starts (``polysae-lens train`` and ``demo``).
+(0% under 100 steps), and a resumed run overshoots it. :func:`complete_progress_bar`
+sets the bar to the samples trained for the runs the plugin starts
+(``polysae-lens train`` and ``demo``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ def complete_progress_bar() -> Iterator[None]:
 
     def update_pbar(self: Any, step_output: Any, pbar: Any, *args: Any, **kwargs: Any) -> None:
         original(self, step_output, pbar, *args, **kwargs)
-        if self.n_training_samples >= self.cfg.total_training_samples and pbar.n < pbar.total:
-            pbar.update(pbar.total - pbar.n)
+        # SAETrainer adds 100 steps' worth at a time, also past the total on a resumed run
+        # (it starts from the checkpoint's count): show the samples actually trained.
+        done = min(self.n_training_samples, pbar.total)
+        if self.n_training_samples >= self.cfg.total_training_samples or pbar.n > done:
+            pbar.n = done
+            pbar.refresh()
 
     SAETrainer._update_pbar = update_pbar  # type: ignore[method-assign]
     try:
