@@ -434,3 +434,23 @@ def test_torchrun_trains_through_the_data_parallel_path(
     assert [cfg.sae.architecture() for cfg in calls] == ["poly", "topk"]
     assert outcome.steps_run == ["train/poly", "train/linear"] and outcome.results is None
     assert not (tmp_path / "out" / STATE_FILENAME).exists()  # rank 0 writes the state
+
+
+def test_an_interrupted_training_resumes_from_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sae_lens.constants import TRAINER_STATE_FILENAME
+
+    checkpoint = tmp_path / "out" / "checkpoints" / "poly" / "run1" / "320"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / TRAINER_STATE_FILENAME).write_bytes(b"")
+    seen: list[Any] = []
+    monkeypatch.setattr(cli, "run_train", lambda cfg, **kwargs: seen.append(cfg))
+    setting = Setting(**json.loads(tiny_setting(tmp_path).read_text()))
+    plan = ReproducePlan(setting, datasets=("x.csv",))
+    lazy = reproduce_run._LazyModel(plan, model=object())
+    record = reproduce_run.train_step(plan, "poly", tmp_path / "out", lazy)
+    assert seen[0].resume_from_checkpoint == str(checkpoint)
+    assert record["resumed_from"] == str(checkpoint)
+    reproduce_run.train_step(plan, "linear", tmp_path / "out", lazy)
+    assert seen[1].resume_from_checkpoint is None  # each SAE has its own checkpoints
