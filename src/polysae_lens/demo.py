@@ -14,7 +14,7 @@ import argparse
 import logging
 from typing import TYPE_CHECKING, Any
 
-from polysae_lens.preflight import PreflightError, check_threads
+from polysae_lens.preflight import PreflightError, check_output_dir, check_threads
 
 # torch and the study (SAELens) load in demo_command: `demo --help` stays instant.
 if TYPE_CHECKING:
@@ -32,6 +32,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="polysae-demo", help="output directory (created)")
     parser.add_argument(
         "--quick", action="store_true", help="small data and short training (for tests)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into --out even if it is not empty"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data, init and training")
     parser.add_argument(
@@ -63,6 +66,7 @@ def demo_config(args: argparse.Namespace) -> StudyConfig:
 
 def demo_command(args: argparse.Namespace, rest: list[str]) -> int:
     check_threads(args.threads)
+    check_output_dir(args.out, "--out", must_be_empty=not args.overwrite)
     import torch
 
     from polysae_lens.progress import complete_progress_bar

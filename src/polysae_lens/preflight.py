@@ -12,7 +12,11 @@ called by every PolySAE's training step).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import netrc
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -104,3 +108,65 @@ def check_threads(threads: int | None) -> None:
             f"--threads {threads} is not allowed: pass a number of CPU threads >= 1, or "
             "leave it out for torch's choice."
         )
+
+
+def check_output_dir(path: str | None, flag: str, *, must_be_empty: bool) -> None:
+    """``path`` can become an output directory: not a file, writable, and (with
+    ``must_be_empty``) empty unless the user passed ``--overwrite``."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_file():
+        raise PreflightError(f"{flag} {path} is a file: pass a directory (it is created).")
+    if must_be_empty and target.is_dir() and any(target.iterdir()):
+        raise PreflightError(
+            f"{flag} {path} is not empty: pass another directory, or --overwrite to "
+            "replace what it holds."
+        )
+    _check_writable(target, flag)
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """``path`` can be written as a file: not a directory, its folder writable."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise PreflightError(
+            f"{flag} {path} is a directory: pass a file name, e.g. {target / 'results.json'}."
+        )
+    _check_writable(target.parent, flag)
+
+
+def _check_writable(target: Path, flag: str) -> None:
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is not None and not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise PreflightError(
+            f"{flag} {target}: {existing} is not a writable directory; pass a path you can write."
+        )
+
+
+def check_wandb(log_to_wandb: bool) -> None:
+    """Logging to wandb needs credentials (or an offline/disabled mode); find out
+    now rather than after the model is loaded."""
+    if not log_to_wandb:
+        return
+    if importlib.util.find_spec("wandb") is None:
+        raise PreflightError(
+            "--log_to_wandb True needs wandb: pip install wandb, or pass --log_to_wandb False."
+        )
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        hosts = {}
+    if any("wandb" in host for host in hosts):
+        return
+    raise PreflightError(
+        "--log_to_wandb True but no wandb credentials were found: run `wandb login` (or set "
+        "WANDB_API_KEY), set WANDB_MODE=offline to log to ./wandb and sync later, or pass "
+        "--log_to_wandb False."
+    )

@@ -65,7 +65,7 @@ SAE_LENS_FLAGS: dict[str, list[tuple[str, str]]] = {
         ("--dtype DTYPE", "float32, bfloat16, ..."),
     ],
     "output": [
-        ("--output_path DIR", "where the trained inference SAE is saved"),
+        ("--output_path DIR", "where the trained inference SAE is saved (must be empty)"),
         ("--checkpoint_path DIR", "where checkpoints go"),
         ("--n_checkpoints N", "checkpoints during training"),
         ("--resume_from_checkpoint DIR", "continue a run from a checkpoint directory"),
@@ -88,6 +88,8 @@ def quick_help() -> str:
     ]
     for flag, default, text in poly_fields():
         lines.extend(_option(f"--{flag} [{default}]", text))
+    lines += ["", "Plugin flag:"]
+    lines.extend(_option("--overwrite", "allow a non-empty --output_path (else an error)"))
     for group, flags in SAE_LENS_FLAGS.items():
         lines += ["", f"SAELens flags, {group}:"]
         for flag, text in flags:
