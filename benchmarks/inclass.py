@@ -13,6 +13,8 @@ held-out MSE (sum over d_in, mean over rows) is read at a budget ``B`` and at
 - ``poly2``: TopK PolySAE of order 2, ranks (64, 8, 8), package defaults.
 - ``poly2 paper``: the same with the paper's settings (``init_preset="authors"``
   where the package has it, else ``c1_init="kaiming"``; ``c1_lr_scale=1.0``).
+- ``poly2 gauge``: ``poly2`` with the gauge step on (``gauge_lr_scale=1``),
+  the remedy of ``docs/inclass-plateau.md``.
 - ``poly1``: the order-1 ablation (package defaults).
 - ``oracle``: ``poly2`` started at the true decoder (encoder tied to it), trained
   the same way (:func:`polysae_lens.inclass.oracle_sae`).
@@ -63,9 +65,10 @@ sae_trainer_module.tqdm = functools.partial(tqdm, disable=True)  # type: ignore[
 def paper_kwargs() -> dict[str, Any]:
     """The paper's settings, through ``init_preset`` when the package has it."""
     fields = {f.name for f in dataclasses.fields(PolyTopKTrainingSAEConfig)}
+    paper: dict[str, Any] = {"c1_lr_scale": 1.0, "gauge_lr_scale": 0.0}
     if "init_preset" in fields:
-        return {"init_preset": "authors", "c1_lr_scale": 1.0}
-    return {"c1_init": "kaiming", "c1_lr_scale": 1.0}
+        return {"init_preset": "authors", **paper}
+    return {"c1_init": "kaiming", **paper}
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,9 @@ class Contender:
     poly_kwargs: tuple[tuple[str, Any], ...] = ()
 
 
-def contenders(with_paper: bool = True, with_oracle: bool = True) -> list[Contender]:
+def contenders(
+    with_paper: bool = True, with_oracle: bool = True, with_gauge: bool = True
+) -> list[Contender]:
     rows = [
         Contender("topk", "topk"),
         Contender("poly2", "poly", 2),
@@ -86,6 +91,8 @@ def contenders(with_paper: bool = True, with_oracle: bool = True) -> list[Conten
     ]
     if with_paper:
         rows.insert(2, Contender("poly2 paper", "poly", 2, tuple(paper_kwargs().items())))
+    if with_gauge:
+        rows.insert(2, Contender("poly2 gauge", "poly", 2, (("gauge_lr_scale", 1.0),)))
     if with_oracle:
         rows.append(Contender("oracle", "oracle", 2))
     return rows

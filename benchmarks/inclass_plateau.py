@@ -137,6 +137,53 @@ def untie_encoder_(sae: Any) -> None:
     sae.W_enc.copy_(w * sae.W_enc.norm(dim=0, keepdim=True) / w.norm(dim=0, keepdim=True))
 
 
+def gauge_steps(
+    trainer: SAETrainer, sae: Any, scale: float, betas: tuple[float, float] = (0.9, 0.999)
+) -> None:
+    """Rotation-aware update of U (experiment): a step along the gauge orbit
+    ``U -> U Q, C1 -> Q^T C1`` (which leaves the linear term unchanged) with its
+    own Adam normalisation.
+
+    The loss's gradient along the orbit is the skew part of
+    ``U^T dL/dU + C1 dL/dC1^T`` (R1 x R1); the linear term's contributions
+    cancel in it, so it carries only the interaction terms' signal, which in
+    U's own Adam moments is drowned by the linear term's much larger gradient.
+    Applied after the package's hooks (a global post hook registered later),
+    as ``Q = exp(-lr * scale * m_hat / (sqrt(v_hat) + eps))``, orthogonal, so U
+    stays on the manifold.
+    """
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    opt = trainer.optimizer
+    state: dict[str, Any] = {"t": 0}
+
+    def pre(o: Any, args: Any, kwargs: Any) -> None:
+        if sae.U.grad is None or sae.C1.grad is None:
+            state["gamma"] = None
+            return
+        M = sae.U.detach().T @ sae.U.grad + sae.C1.detach() @ sae.C1.grad.T
+        state["gamma"] = (M - M.T) / 2
+
+    @torch.no_grad()
+    def post(o: Any, args: Any, kwargs: Any) -> None:
+        if o is not opt or state.get("gamma") is None:
+            return
+        g = state["gamma"]
+        b1, b2 = betas
+        state["t"] += 1
+        t = state["t"]
+        m = state["m"] = b1 * state.get("m", torch.zeros_like(g)) + (1 - b1) * g
+        v = state["v"] = b2 * state.get("v", torch.zeros_like(g)) + (1 - b2) * g * g
+        step = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + 1e-8)
+        lr = opt.param_groups[0]["lr"]
+        Q = torch.linalg.matrix_exp(-lr * scale * step)
+        sae.U.copy_(sae.U @ Q)
+        sae.C1.copy_(Q.T @ sae.C1)
+
+    opt.register_step_pre_hook(pre)
+    register_optimizer_step_post_hook(post)
+
+
 def variant(name: str) -> tuple[bench.Contender, Any]:
     """(contender, setup(trainer, sae) or None) for a variant name."""
     P = bench.Contender
@@ -158,6 +205,15 @@ def variant(name: str) -> tuple[bench.Contender, Any]:
         return P(name, "poly", 2, (("stiefel_project_moments", True),)), None
     if base == "noretract":
         return P(name, "poly", 2, (("stiefel_every_n_steps", 0),)), None
+    if base == "gauge":  # gauge:<scale>, or gauge:<scale>+lr (C2, lambda2 steps x10 too)
+        gauge_scale, _, plus = kw.partition("+")
+
+        def setup_gauge(trainer: SAETrainer, sae: Any) -> None:
+            gauge_steps(trainer, sae, float(gauge_scale))
+            if plus == "lr":
+                scale_steps(trainer.optimizer, {sae.C2: 10.0, sae.lambda2: 10.0})
+
+        return P(name, "poly", 2), setup_gauge
     if base == "untie":
         return P(name, "poly", 2), lambda trainer, sae: untie_encoder_(sae)
     if base == "lr":  # lr:C2=10,lambda2=10,U=4

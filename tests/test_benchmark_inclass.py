@@ -24,8 +24,8 @@ def test_quick_run_prints_every_contender_and_both_budgets(
     for row in ("| 20 |", "| 80 |", "gap closed by poly2 at 20", "MSE poly1 / topk at 80"):
         assert row in out
     names = {r["name"] for r in report["inclass"]}
-    assert names == {"topk", "poly2", "poly2 paper", "poly1", "oracle"}
-    assert {r["name"] for r in report["linear"]} == {"topk", "poly2", "poly2 paper", "poly1"}
+    assert names == {"topk", "poly2", "poly2 gauge", "poly2 paper", "poly1", "oracle"}
+    assert {r["name"] for r in report["linear"]} == names - {"oracle"}
     for r in report["inclass"]:
         assert set(r["mse"]) == {20, 80}
         assert all(0 < v < 10 for v in r["mse"].values())
@@ -41,6 +41,8 @@ def test_contenders_are_configured_as_labelled() -> None:
     assert built["poly2"].cfg.poly_order == 2 and built["poly1"].cfg.poly_order == 1
     paper = built["poly2 paper"].cfg
     assert paper.c1_lr_scale == 1.0 and paper.c1_init == "kaiming"
+    assert paper.gauge_lr_scale == 0.0
+    assert built["poly2 gauge"].cfg.gauge_lr_scale == 1.0
     assert getattr(paper, "init_preset", "authors") == "authors"
     assert built["poly2"].cfg.c1_lr_scale is None  # package defaults
     oracle = built["oracle"]

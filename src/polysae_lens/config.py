@@ -178,6 +178,7 @@ class _PolyTrainingDefaults:
             this; authors preset: the norm of W_enc's columns (None: 0.1).
         c1_init: "orthogonal" (default; sqrt(2) x orthonormal rows) or "kaiming".
         c1_lr_scale: factor on C1's optimizer step; default d_sae / R1, 1.0 = paper.
+        gauge_lr_scale: learning rate of the gauge step turning U's basis (0 = off, paper).
         stiefel_every_n_steps: retract U after every n-th optimizer step (0: never).
         stiefel_method: "cholesky_qr" (default) or "qr"; both give the same Q.
         stiefel_project_moments: also project Adam's first moment onto the tangent space.
@@ -214,6 +215,14 @@ class _PolyTrainingDefaults:
     relative to the other parameters). ``None`` (default) means d_sae / R1: with
     U on the Stiefel manifold only C1's R1 x d_in entries can reshape the
     decoder's spectrum. 1.0 is the paper's single learning rate."""
+    gauge_lr_scale: float = 0.0
+    """Learning rate, relative to the optimizer's, of the gauge step: after each
+    optimizer step, U and C1 turn along ``U -> U Q, C1 -> Q^T C1`` (which leaves
+    U @ C1 unchanged) by an Adam step of their own on the loss's gradient along
+    that orbit (:func:`polysae_lens.stiefel.gauge_step_`). It lets the
+    interaction terms choose which directions of U they square, which U's own
+    Adam step does only very slowly (README "Training dynamics"). Only at
+    order >= 2. 0 turns it off (the paper's model and update)."""
     stiefel_every_n_steps: int = 1
     """Retract U onto the Stiefel manifold after every n-th optimizer step. The
     paper retracts after every step (1, the default); 0 disables the retraction
@@ -261,6 +270,17 @@ class _PolyTrainingDefaults:
         ):
             raise ValueError(
                 f"c1_lr_scale={scale!r} must be a positive finite number, or None for d_sae / R1."
+            )
+        gauge = self.gauge_lr_scale
+        if (
+            not isinstance(gauge, (int, float))
+            or isinstance(gauge, bool)
+            or not math.isfinite(gauge)
+            or gauge < 0
+        ):
+            raise ValueError(
+                f"gauge_lr_scale={gauge!r} must be a finite number >= 0 (0 turns the gauge "
+                "step off)."
             )
         if self.stiefel_method not in STIEFEL_METHODS:
             raise ValueError(

@@ -219,9 +219,11 @@ def project_to_tangent(U_FR: Tensor, V_FR: Tensor) -> Tensor:
 # rides on torch's optimizer hooks: one global step pre-hook and one post-hook,
 # installed when the first PolySAE is built (not at import). On an optimizer's
 # first step they find which tracked PolySAEs it updates; from then on, around
-# each of its steps, they scale C1's update by the SAE's C1 step scale (for Adam,
-# exactly a per-parameter learning rate, following any schedule) and then retract
-# U. Optimizers that update no PolySAE cost one dict lookup per step.
+# each of its steps, they scale the updates of the parameters in the SAE's step
+# scale table (:func:`step_scales`; for Adam, exactly per-parameter learning
+# rates, following any schedule), turn U and C1 along the gauge orbit
+# (:func:`gauge_gradient`) and then retract U. Optimizers that update no PolySAE
+# cost one dict lookup per step.
 
 #
 # This state must survive ``importlib.reload`` of this module (what notebook
@@ -238,6 +240,9 @@ _TARGETS: weakref.WeakKeyDictionary[Optimizer, list[weakref.ref[nn.Module]]] = g
 )
 _SNAPSHOTS: weakref.WeakKeyDictionary[Optimizer, list[tuple[Tensor, Tensor, float]]] = (
     globals().get("_SNAPSHOTS", weakref.WeakKeyDictionary())
+)
+_GAUGE_GRADIENTS: weakref.WeakKeyDictionary[Optimizer, list[tuple[nn.Module, Tensor, float]]] = (
+    globals().get("_GAUGE_GRADIENTS", weakref.WeakKeyDictionary())
 )
 _global_hooks: tuple[RemovableHandle, RemovableHandle] | None = globals().get("_global_hooks")
 
@@ -303,6 +308,82 @@ def c1_step_scale(sae: nn.Module) -> float:
     if cfg.c1_lr_scale is not None:
         return float(cfg.c1_lr_scale)
     return cfg.d_sae / cfg.ranks[0]
+
+
+def step_scales(sae: nn.Module) -> dict[str, float]:
+    """Factors on the optimizer's step of single parameters, by parameter name
+    (parameters not listed: 1). Today only C1's (:func:`c1_step_scale`)."""
+    return {"C1": c1_step_scale(sae)}
+
+
+def gauge_step_scale(sae: nn.Module) -> float:
+    """The config's ``gauge_lr_scale``: the gauge step's learning rate relative
+    to the optimizer's; 0 (no gauge step) below order 2, where the loss does
+    not depend on the gauge, and for modules without the field."""
+    cfg = getattr(sae, "cfg", None)
+    if cfg is None or getattr(cfg, "poly_order", 1) < 2:
+        return 0.0
+    return float(getattr(cfg, "gauge_lr_scale", 0.0))
+
+
+def gauge_gradient(U_FR: Tensor, dU_FR: Tensor, C1_RD: Tensor, dC1_RD: Tensor) -> Tensor:
+    """The loss's gradient along the gauge orbit ``U -> U Q, C1 -> Q^T C1``.
+
+    For ``Q = I + Omega`` (Omega skew, R1 x R1) the loss changes by
+    ``<U^T dL/dU + C1 dL/dC1^T, Omega>``, so the gradient is the skew part of
+    that matrix. The orbit leaves the first-order decoder ``U @ C1`` unchanged,
+    so the linear term's contributions cancel: what remains is the interaction
+    terms' pull on the basis of U, the signal that tells the first R2 columns
+    which directions to square.
+    """
+    M_RR = U_FR.T.float() @ dU_FR.float() + C1_RD.float() @ dC1_RD.T.float()
+    return (M_RR - M_RR.T) / 2
+
+
+def cayley(step_RR: Tensor) -> Tensor:
+    """``(I + S/2)^-1 (I - S/2)``: orthogonal for skew ``S``, ``exp(-S)`` to second order."""
+    eye_RR = torch.eye(step_RR.shape[0], dtype=step_RR.dtype, device=step_RR.device)
+    return torch.linalg.solve(eye_RR + step_RR / 2, eye_RR - step_RR / 2)
+
+
+@torch.no_grad()
+def gauge_step_(sae: nn.Module, optimizer: Optimizer, gamma_RR: Tensor, scale: float) -> None:
+    """Turn U and C1 along the gauge orbit by an Adam step on ``gamma_RR``
+    (:func:`gauge_gradient`, taken before the optimizer's step).
+
+    U's own Adam step cannot do this at a useful speed: U's second moments are
+    set by the linear term's gradient, which is orders of magnitude larger than
+    the interaction terms' and has no component along the orbit, so the orbit
+    component of U's step is scaled down by that ratio (README "Training
+    dynamics", in-class data). Here the orbit gradient gets moments of its own,
+    kept in the optimizer's state for U (``gauge_exp_avg``, ``gauge_exp_avg_sq``,
+    ``gauge_step``, so they are checkpointed with it), with the betas, eps and
+    learning rate of U's parameter group times ``scale``. The rotation
+    ``Q = cayley(lr * scale * m_hat / (sqrt(v_hat) + eps))`` is orthogonal, so
+    U stays on the manifold and U @ C1 is unchanged.
+    """
+    U = _projection(sae)
+    C1 = getattr(sae, "C1", None)
+    if not isinstance(C1, Tensor):
+        raise ValueError(f"{type(sae).__name__} has no C1 parameter to turn with U.")
+    group = next(g for g in optimizer.param_groups if any(p is U for p in g["params"]))
+    beta1, beta2 = group.get("betas", (0.9, 0.999))
+    eps = float(group.get("eps", 1e-8))
+    state = optimizer.state[U]
+    exp_avg = state.get("gauge_exp_avg")
+    if exp_avg is None:
+        exp_avg = state["gauge_exp_avg"] = torch.zeros_like(gamma_RR)
+        state["gauge_exp_avg_sq"] = torch.zeros_like(gamma_RR)
+        state["gauge_step"] = 0
+    exp_avg_sq = state["gauge_exp_avg_sq"]
+    state["gauge_step"] = step = int(state["gauge_step"]) + 1
+    exp_avg.mul_(beta1).add_(gamma_RR, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(gamma_RR, gamma_RR, value=1 - beta2)
+    # m and v are skew and symmetric, so the normalised step is skew again
+    step_RR = (exp_avg / (1 - beta1**step)) / ((exp_avg_sq / (1 - beta2**step)).sqrt() + eps)
+    Q_RR = cayley(float(group["lr"]) * scale * step_RR)
+    U.copy_((U.float() @ Q_RR).to(U.dtype))
+    C1.copy_((Q_RR.T @ C1.float()).to(C1.dtype))
 
 
 @torch.no_grad()
@@ -399,19 +480,39 @@ def _after_any_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
 
 def _snapshot_scaled_steps(optimizer: Optimizer, targets: list[weakref.ref[nn.Module]]) -> None:
     snapshots = []
+    gauges = []
     for ref in targets:
         sae = ref()
-        C1 = getattr(sae, "C1", None)
-        scale = c1_step_scale(sae) if sae is not None else 1.0
-        if isinstance(C1, Tensor) and scale != 1.0 and _optimizes(optimizer, C1):
-            snapshots.append((C1, C1.detach().clone(), scale))
+        if sae is None:
+            continue
+        for name, scale in step_scales(sae).items():
+            param = getattr(sae, name, None)
+            if isinstance(param, Tensor) and scale != 1.0 and _optimizes(optimizer, param):
+                snapshots.append((param, param.detach().clone(), scale))
+        gauge_scale = gauge_step_scale(sae)
+        U, C1 = getattr(sae, "U", None), getattr(sae, "C1", None)
+        if (
+            gauge_scale > 0
+            and isinstance(U, Tensor)
+            and isinstance(C1, Tensor)
+            and U.grad is not None
+            and C1.grad is not None
+            and _optimizes(optimizer, C1)
+        ):
+            # before the step: the linear term cancels only at the point where
+            # the gradients were taken
+            gamma_RR = gauge_gradient(U.detach(), U.grad, C1.detach(), C1.grad)
+            gauges.append((sae, gamma_RR, gauge_scale))
     _SNAPSHOTS[optimizer] = snapshots
+    _GAUGE_GRADIENTS[optimizer] = gauges
 
 
 @torch.no_grad()
 def _finish_step(optimizer: Optimizer, targets: list[weakref.ref[nn.Module]]) -> None:
     for param, before, scale in _SNAPSHOTS.pop(optimizer, []):
         param.copy_(before + scale * (param - before))
+    for turned, gamma_RR, scale in _GAUGE_GRADIENTS.pop(optimizer, []):
+        gauge_step_(turned, optimizer, gamma_RR, scale)
     for ref in targets:
         sae = ref()
         if sae is not None:

@@ -1,0 +1,168 @@
+"""The gauge step (``gauge_lr_scale``): U and C1 turn along U -> U Q, C1 -> Q^T C1."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig, orthogonality_error
+from polysae_lens.inclass import InClassConfig, build_in_class, oracle_sae
+from polysae_lens.stiefel import cayley, gauge_gradient
+
+D_IN, D_SAE, RANKS, K = 10, 30, (8, 3, 2), 3
+
+
+def make(order: int = 2, seed: int = 0, **kwargs: Any) -> PolyTopKTrainingSAE:
+    torch.manual_seed(seed)
+    return PolyTopKTrainingSAE(
+        PolyTopKTrainingSAEConfig(
+            d_in=D_IN, d_sae=D_SAE, k=K, poly_order=order, poly_ranks=RANKS, **kwargs
+        )
+    )
+
+
+def quadratic_loss(U, C1, C2, lam2, z, x):  # type: ignore[no-untyped-def]
+    """Squared error of the order-2 decoder, written out here (not the package's)."""
+    a = z @ U
+    s = C2.shape[0]
+    return ((a @ C1 + lam2 * (a[:, :s] ** 2) @ C2 - x) ** 2).sum()
+
+
+def test_gauge_gradient_is_the_derivative_along_the_orbit() -> None:
+    gen = torch.Generator().manual_seed(1)
+    U = torch.linalg.qr(torch.randn(D_SAE, RANKS[0], generator=gen, dtype=torch.float64))[0]
+    C1 = torch.randn(RANKS[0], D_IN, generator=gen, dtype=torch.float64)
+    C2 = torch.randn(RANKS[1], D_IN, generator=gen, dtype=torch.float64)
+    z = torch.randn(16, D_SAE, generator=gen, dtype=torch.float64).relu()
+    x = torch.randn(16, D_IN, generator=gen, dtype=torch.float64)
+    Ug, C1g = U.clone().requires_grad_(), C1.clone().requires_grad_()
+    quadratic_loss(Ug, C1g, C2, 0.7, z, x).backward()
+    assert Ug.grad is not None and C1g.grad is not None
+    gamma = gauge_gradient(U, Ug.grad, C1, C1g.grad).double()
+    A = torch.randn(RANKS[0], RANKS[0], generator=gen, dtype=torch.float64)
+    omega = A - A.T
+    for_t = [
+        quadratic_loss(
+            U @ torch.linalg.matrix_exp(t * omega),
+            torch.linalg.matrix_exp(t * omega).T @ C1,
+            C2,
+            0.7,
+            z,
+            x,
+        )
+        for t in (-1e-5, 1e-5)
+    ]
+    numeric = float((for_t[1] - for_t[0]) / 2e-5)
+    assert float((gamma * omega).sum()) == pytest.approx(numeric, rel=1e-4)
+    # float32 inputs are computed in float32; skew by construction
+    torch.testing.assert_close(gamma, -gamma.T)
+
+
+def test_gauge_gradient_vanishes_for_a_linear_decoder() -> None:
+    gen = torch.Generator().manual_seed(2)
+    U = torch.linalg.qr(torch.randn(D_SAE, RANKS[0], generator=gen, dtype=torch.float64))[0]
+    C1 = torch.randn(RANKS[0], D_IN, generator=gen, dtype=torch.float64)
+    z = torch.randn(16, D_SAE, generator=gen, dtype=torch.float64).relu()
+    x = torch.randn(16, D_IN, generator=gen, dtype=torch.float64)
+    Ug, C1g = U.clone().requires_grad_(), C1.clone().requires_grad_()
+    ((z @ Ug @ C1g - x) ** 2).sum().backward()
+    assert Ug.grad is not None and C1g.grad is not None
+    assert float(gauge_gradient(U, Ug.grad, C1, C1g.grad).abs().max()) < 1e-4
+    assert float(Ug.grad.abs().max()) > 1.0  # while U's own gradient is large
+
+
+def test_cayley_is_orthogonal() -> None:
+    A = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    Q = cayley(A - A.T)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(6), atol=1e-5, rtol=0)
+
+
+def _steps(sae: PolyTopKTrainingSAE, x: torch.Tensor, n: int) -> torch.optim.Adam:
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for _ in range(n):
+        opt.zero_grad()
+        (sae(x) - x).pow(2).sum(-1).mean().backward()
+        opt.step()
+    return opt
+
+
+def test_gauge_step_keeps_u_orthonormal_and_stores_its_moments_with_u() -> None:
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(0))
+    sae = make(gauge_lr_scale=1.0)
+    opt = _steps(sae, x, 3)
+    assert orthogonality_error(sae.U) < 1e-5
+    state = opt.state[sae.U]
+    assert state["gauge_step"] == 3
+    assert state["gauge_exp_avg"].shape == (RANKS[0], RANKS[0])
+    off = make(gauge_lr_scale=0.0)
+    opt_off = _steps(off, x, 3)
+    assert "gauge_exp_avg" not in opt_off.state[off.U]
+    assert not torch.allclose(sae.U, off.U)
+
+
+def test_order_one_takes_no_gauge_step() -> None:
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(0))
+    on, off = make(1, gauge_lr_scale=1.0), make(1, gauge_lr_scale=0.0)
+    opt = _steps(on, x, 3)
+    _steps(off, x, 3)
+    assert torch.equal(on.U, off.U) and torch.equal(on.C1, off.C1)
+    assert "gauge_step" not in opt.state[on.U]
+
+
+def test_gauge_state_resumes_exactly() -> None:
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(0))
+    straight = make(gauge_lr_scale=1.0)
+    _steps_continue = _steps(straight, x, 2)
+    for _ in range(2):
+        _steps_continue.zero_grad()
+        (straight(x) - x).pow(2).sum(-1).mean().backward()
+        _steps_continue.step()
+    first = make(gauge_lr_scale=1.0)
+    opt = _steps(first, x, 2)
+    saved_model, saved_opt = copy.deepcopy(first.state_dict()), copy.deepcopy(opt.state_dict())
+    resumed = make(gauge_lr_scale=1.0, seed=5)
+    resumed.load_state_dict(saved_model)
+    opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-2)
+    opt2.load_state_dict(saved_opt)
+    for _ in range(2):
+        opt2.zero_grad()
+        (resumed(x) - x).pow(2).sum(-1).mean().backward()
+        opt2.step()
+    assert opt2.state[resumed.U]["gauge_step"] == 4
+    torch.testing.assert_close(resumed.U, straight.U, atol=1e-6, rtol=0)
+    torch.testing.assert_close(resumed.C1, straight.C1, atol=1e-6, rtol=0)
+
+
+def test_gauge_step_recovers_a_turned_true_decoder() -> None:
+    """Start at a true order-2 decoder whose basis is turned by a random Q (the
+    linear term is still exact); only the gauge step can undo the turn."""
+    cfg = InClassConfig(d_in=12, num_atoms=40, ranks=(10, 3, 3), k=3, calibration_samples=4096)
+    truth = build_in_class(cfg)
+    losses = {}
+    for scale in (0.0, 1.0):
+        sae = oracle_sae(truth, k=3, gauge_lr_scale=scale, c1_lr_scale=1.0)
+        A = torch.randn(10, 10, generator=torch.Generator().manual_seed(3))
+        Q = torch.linalg.matrix_exp(0.3 * (A - A.T))
+        with torch.no_grad():
+            sae.U.copy_(sae.U @ Q)
+            sae.C1.copy_(Q.T @ sae.C1)
+        gen = truth.generator(0)
+        z_eval, x_eval = truth.sample(2048, gen)
+        opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+        for _ in range(300):
+            z, x = truth.sample(256, gen)
+            opt.zero_grad()
+            # decode the true codes: this isolates the decoder's basis
+            (sae.decode(z) - x).pow(2).sum(-1).mean().backward()
+            opt.step()
+        with torch.no_grad():
+            losses[scale] = float((sae.decode(z_eval) - x_eval).pow(2).sum(-1).mean())
+    assert losses[1.0] < 0.5 * losses[0.0], losses
+
+
+def test_config_rejects_a_negative_gauge_scale() -> None:
+    with pytest.raises(ValueError, match="gauge_lr_scale=-1"):
+        make(gauge_lr_scale=-1.0)
