@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,23 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "topk": {"architecture": "topk", "k": 4},
     "batchtopk": {"architecture": "batchtopk", "k": 4},
     "poly_batchtopk": {"architecture": "poly_batchtopk", "k": 4, "poly_ranks": [12, 5, 3]},
+    "poly_jumprelu": {"architecture": "poly_jumprelu", "poly_ranks": [12, 5, 3]},
+    "jumprelu": {"architecture": "jumprelu"},
+    "standard": {"architecture": "standard"},
+    "gated": {"architecture": "gated"},
+    "matryoshka_batchtopk": {
+        "architecture": "matryoshka_batchtopk",
+        "k": 4,
+        "matryoshka_widths": [16, 32, D_SAE],
+    },
 }
 """Scenario name -> SAE config overrides."""
 
-EXACT_SCENARIOS = ("poly", "topk")
-"""Scenarios whose data-parallel run equals the single-process run (BatchTopK
-selects per rank, so the others only match across ranks)."""
+EXACT_SCENARIOS = ("poly", "topk", "poly_jumprelu", "jumprelu", "standard", "gated")
+"""Scenarios whose data-parallel run equals the single-process run (the
+BatchTopK family selects per rank, so those only match across ranks)."""
+AUXK_SCENARIOS = ("poly", "topk")
+"""Scenarios whose dead-latent mask feeds a loss (AuxK) within the run."""
 
 
 def make_sae(name: str) -> TrainingSAE[Any]:
@@ -139,7 +151,7 @@ def rank_main(rank: int, out_dir: str, scenarios: list[str], fail_rank: int | No
             sae = make_sae(name)
             data = _Batches(sae, rank)
             if fail_rank == rank:
-                data = _FailingBatches(data, after=3)  # type: ignore[assignment]
+                data = _FailingBatches(data, after=3, mark=Path(out_dir) / "failed_at")  # type: ignore[assignment]
             trainer = DistributedSAETrainer(
                 cfg=trainer_cfg(), sae=sae, data_provider=data, context=context
             )
@@ -198,14 +210,18 @@ def _extras(rank: int) -> dict[str, Any]:
 
 
 class _FailingBatches:
-    def __init__(self, inner: _Batches, after: int) -> None:
-        self.inner, self.after = inner, after
+    """Raises at step ``after``, first writing the time (``time.time()``) to ``mark``."""
+
+    def __init__(self, inner: _Batches, after: int, mark: Path | None = None) -> None:
+        self.inner, self.after, self.mark = inner, after, mark
 
     def __iter__(self) -> _FailingBatches:
         return self
 
     def __next__(self) -> torch.Tensor:
         if self.inner.step == self.after:
+            if self.mark is not None:
+                self.mark.write_text(repr(time.time()))
             raise RuntimeError(f"injected failure on rank {self.inner.rank}")
         return next(self.inner)
 
