@@ -23,7 +23,7 @@ import torch
 from sae_lens.training.activation_scaler import ActivationScaler
 
 from polysae_lens.distributed import DistributedConfig, local_batch_size
-from polysae_lens.distributed.data import shard_dataset
+from polysae_lens.distributed.data import shard_activations_store, shard_dataset
 
 from . import distributed_workers as workers
 
@@ -261,3 +261,66 @@ def test_cli_rejects_a_batch_that_does_not_split(
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "train_batch_size_tokens=32" in err and "world size 3" in err
+
+
+# ---- each rank's activations store ----------------------------------------------------
+
+
+def _store(**kwargs: Any) -> Any:
+    from sae_lens.training.activations_store import ActivationsStore
+
+    from .lm_fixtures import make_tiny_model
+
+    defaults: dict[str, Any] = {
+        "model": make_tiny_model(),
+        "dataset": None,
+        "streaming": False,
+        "hook_name": "blocks.0.hook_resid_post",
+        "hook_head_index": None,
+        "context_size": 8,
+        "d_in": 16,
+        "n_batches_in_buffer": 2,
+        "total_training_tokens": 10_000,
+        "store_batch_size_prompts": 2,
+        "train_batch_size_tokens": 32,
+        "prepend_bos": True,
+        "normalize_activations": "none",
+        "device": torch.device("cpu"),
+        "dtype": "float32",
+    }
+    return ActivationsStore(**{**defaults, **kwargs})
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_each_rank_reads_its_own_rows_in_local_batches() -> None:
+    from datasets import Dataset
+
+    from .lm_fixtures import TEXTS
+
+    rows = Dataset.from_dict({"text": TEXTS})
+    stores = [_store(dataset=rows) for _ in range(2)]
+    for rank, store in enumerate(stores):
+        shard_activations_store(store, rank, 2, global_batch_tokens=32)
+        assert next(store).shape == (16, 16)
+    texts = [set(store.dataset["text"]) for store in stores]
+    assert texts[0].isdisjoint(texts[1]) and texts[0] | texts[1] == set(TEXTS)
+    # sharding after the first batch would silently mix data: refused
+    with pytest.raises(RuntimeError, match="already produced batches"):
+        shard_activations_store(stores[0], 0, 2, global_batch_tokens=32)
+
+
+def test_cached_activations_are_sharded(tmp_path: Path) -> None:
+    from datasets import Array2D, Dataset, Features
+
+    hook = "blocks.0.hook_resid_post"
+    # row i holds the value i everywhere, so a batch tells which rows it came from
+    acts = [[[float(i)] * 16 for _ in range(8)] for i in range(8)]
+    features = Features({hook: Array2D(shape=(8, 16), dtype="float32")})
+    Dataset.from_dict({hook: acts}, features=features).save_to_disk(tmp_path / "cache")
+    stores = [_store(cached_activations_path=str(tmp_path / "cache")) for _ in range(2)]
+    seen = []
+    for rank, store in enumerate(stores):
+        shard_activations_store(store, rank, 2, global_batch_tokens=32)
+        assert len(store.cached_activation_dataset) == 4
+        seen.append({int(v) for _ in range(4) for v in next(store)[:, 0].tolist()})
+    assert seen == [{0, 1, 2, 3}, {4, 5, 6, 7}]
