@@ -40,9 +40,10 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from polysae_lens import train_help
+from polysae_lens import preflight, train_help
 from polysae_lens.train_help import DEFAULT_ARCHITECTURE, POLY_ARCHITECTURES
 
 # Heavy modules (torch, SAELens, TransformerLens, the evaluators) are imported
@@ -59,7 +60,7 @@ REQUIRED_SAE_LENS = "sae-lens >= 6.54, < 7 (developed against 6.54.12)"
 _ARCHITECTURE_FLAGS = ("--architecture", "--sae")
 
 
-class CLIError(ValueError):
+class CLIError(preflight.PreflightError):
     """A command line that cannot be turned into a training run; the message
     says which flag is wrong and why."""
 
@@ -97,11 +98,14 @@ def parse_train_args(args: Sequence[str]) -> LanguageModelSAERunnerConfig[Any]:
     )
     try:
         with _prog(f"{PROG} train"), help_context:
-            return parse_cfg_args(args)
+            cfg = parse_cfg_args(args)
     except argparse.ArgumentError as e:
         raise CLIError(str(e)) from e
     except (ValueError, TypeError) as e:
         raise CLIError(f"invalid configuration: {e}") from e
+    if not any(a.lstrip("-").startswith(("dataset_trust", "nodataset_trust")) for a in args):
+        cfg.dataset_trust_remote_code = _default_trust_remote_code(cfg.dataset_path)
+    return cfg
 
 
 def run_train(
@@ -110,7 +114,10 @@ def run_train(
     override_model: HookedRootModule | None = None,
     override_dataset: HfDataset | None = None,
 ) -> TrainingSAE[Any]:
-    """Train with SAELens's stock ``LanguageModelSAETrainingRunner``.
+    """Train with SAELens's ``LanguageModelSAETrainingRunner``, checked first by
+    :func:`polysae_lens.preflight.check_model`; on SIGINT/SIGTERM it stops after
+    the current step, saves a resumable checkpoint and raises
+    :class:`polysae_lens.checkpointing.TrainingInterrupted`.
 
     Seeds torch with ``cfg.seed`` before the runner builds the SAE. Without
     overrides the runner loads ``cfg.model_name`` and ``cfg.dataset_path``
@@ -119,13 +126,27 @@ def run_train(
     handlers the runner installs are restored afterwards.
     """
     import torch
-    from sae_lens import LanguageModelSAETrainingRunner
+
+    from polysae_lens.checkpointing import CheckpointOnInterruptRunner
 
     torch.manual_seed(cfg.seed)
-    with _restored_signal_handlers():
-        runner = LanguageModelSAETrainingRunner(
-            cfg, override_dataset=override_dataset, override_model=override_model
-        )
+    from polysae_lens.progress import complete_progress_bar
+
+    with _restored_signal_handlers(), complete_progress_bar():
+        try:
+            runner = CheckpointOnInterruptRunner(
+                cfg, override_dataset=override_dataset, override_model=override_model
+            )
+        except ValueError as e:
+            # SAELens's HookedProxyLM (AutoModelForCausalLM) checks hook names itself.
+            if "hook_names not found" in str(e):
+                raise preflight.PreflightError(
+                    f"--hook_name {cfg.hook_name!r} is not a module of model "
+                    f"{cfg.model_name!r}: use a module path of the HuggingFace model, e.g. "
+                    "transformer.h.0 (GPT-2) or model.layers.0 (Llama-style)."
+                ) from e
+            raise
+        preflight.check_model(cfg, runner.model)
         return runner.run()
 
 
@@ -156,9 +177,35 @@ def summarize(sae: TrainingSAE[Any], cfg: LanguageModelSAERunnerConfig[Any]) -> 
 
 
 def _train_command(args: argparse.Namespace, rest: list[str]) -> int:
-    cfg = parse_train_args(rest)
+    # --overwrite is the plugin's own flag: SAELens's parser never sees it.
+    overwrite = "--overwrite" in rest
+    cfg = parse_train_args([a for a in rest if a != "--overwrite"])
+    # Before any model is loaded: the paths the run writes and wandb's credentials.
+    preflight.check_output_dir(cfg.output_path, "--output_path", must_be_empty=not overwrite)
+    preflight.check_output_dir(cfg.checkpoint_path, "--checkpoint_path", must_be_empty=False)
+    preflight.check_wandb(cfg.logger.log_to_wandb)
+    from polysae_lens.distributed.process_group import launched_with_torchrun
+
+    if launched_with_torchrun():
+        return _train_data_parallel(cfg)
     sae = run_train(cfg)
     print(summarize(sae, cfg))
+    return 0
+
+
+def _train_data_parallel(cfg: LanguageModelSAERunnerConfig[Any]) -> int:
+    """One rank of ``torchrun --nproc-per-node N -m polysae_lens train ...``
+    (:mod:`polysae_lens.distributed`); rank 0 prints the summary."""
+    from polysae_lens.distributed.process_group import env_rank, env_world_size
+    from polysae_lens.distributed.runner import check_world_size, train_distributed
+
+    try:
+        check_world_size(cfg, env_world_size())
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    sae = train_distributed(cfg)
+    if env_rank() == 0:
+        print(summarize(sae, cfg))
     return 0
 
 
@@ -176,6 +223,13 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
 def _eval_command(args: argparse.Namespace, rest: list[str]) -> int:
     from polysae_lens.evals.cli import eval_command
 
+    preflight.check_output_file(getattr(args, "output", None), "--output")
+    sae_path = getattr(args, "sae", None)
+    if sae_path and Path(sae_path).is_file():
+        raise CLIError(
+            f"--sae {sae_path} is a file: pass the directory that holds cfg.json and the "
+            f"weights, e.g. --sae {Path(sae_path).parent}."
+        )
     return eval_command(args, rest)
 
 
@@ -189,6 +243,28 @@ def _demo_command(args: argparse.Namespace, rest: list[str]) -> int:
     from polysae_lens.demo import demo_command
 
     return demo_command(args, rest)
+
+
+# -- reproduce (issue #17): polysae_lens.reproduce; its parser imports no torch --
+
+
+def _configure_reproduce(parser: argparse.ArgumentParser) -> None:
+    from polysae_lens.reproduce.cli import add_reproduce_arguments
+
+    add_reproduce_arguments(parser)
+
+
+def _reproduce_command(args: argparse.Namespace, rest: list[str]) -> int:
+    from polysae_lens.reproduce.cli import reproduce_command
+    from polysae_lens.reproduce.settings import SettingError
+
+    try:
+        return reproduce_command(args, rest)
+    except SettingError as e:
+        raise CLIError(str(e)) from e
+
+
+# -- end reproduce --
 
 
 # ---- subcommand registry -----------------------------------------------------
@@ -231,6 +307,12 @@ SUBCOMMANDS: list[Subcommand] = [
         help="compare PolySAE with a linear SAE on synthetic compositional ground truth",
         configure=_configure_demo,
         run=_demo_command,
+    ),
+    Subcommand(
+        name="reproduce",
+        help="reproduce the paper's PolySAE-vs-linear comparison (train, evaluate, table)",
+        configure=_configure_reproduce,
+        run=_reproduce_command,
     ),
 ]
 """The subcommands of ``polysae-lens``, in help order."""
@@ -275,9 +357,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return sub.run(args, rest)
-    except CLIError as e:
+    except preflight.PreflightError as e:
         print(f"{PROG} {sub.name}: error: {e}", file=sys.stderr)
         return 2
+    except preflight.NonFiniteInputError as e:
+        print(f"{PROG} {sub.name}: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        from polysae_lens.checkpointing import TrainingInterrupted
+
+        if not isinstance(e, TrainingInterrupted):
+            raise
+        print(f"{PROG} {sub.name}: {e}", file=sys.stderr)
+        return 128 + e.signum  # the shell's status for death by that signal
 
 
 # ---- helpers -----------------------------------------------------------------
@@ -314,6 +406,12 @@ def _architecture_arg(args: Sequence[str]) -> str | None:
 def _check_architecture(architecture: str) -> None:
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
+    if architecture not in SAE_TRAINING_CLASS_REGISTRY and Path(architecture).exists():
+        raise CLIError(
+            f"--sae {architecture} is a path, but in '{PROG} train' --sae is SAELens's alias "
+            "of --architecture: to start from a saved SAE pass --from_pretrained_path "
+            f"{architecture}; to evaluate one, '{PROG} eval --sae {architecture}'."
+        )
     if architecture not in SAE_TRAINING_CLASS_REGISTRY:
         others = sorted(set(SAE_TRAINING_CLASS_REGISTRY) - set(POLY_ARCHITECTURES))
         raise CLIError(
@@ -344,6 +442,16 @@ def _restored_signal_handlers() -> Iterator[None]:
         for sig, handler in saved.items():
             if handler is not None:
                 signal.signal(sig, handler)
+
+
+def _default_trust_remote_code(dataset_path: str) -> bool:
+    """SAELens's default is True, but datasets >= 4 runs no loading scripts and logs an
+    error for every dataset loaded with it, as does any version for a local directory."""
+    try:
+        datasets_major = int(importlib.metadata.version("datasets").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        datasets_major = 0
+    return not (datasets_major >= 4 or (bool(dataset_path) and Path(dataset_path).exists()))
 
 
 def _installed_sae_lens() -> str:
