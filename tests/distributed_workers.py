@@ -202,7 +202,29 @@ def _extras(rank: int) -> dict[str, Any]:
     whitening = DistributedActivationScaler()
     whitening.estimate_whitening(D_IN, norm_batches(rank), NORM_BATCHES)
     assert whitening.whitening is not None
+    from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+
+    from polysae_lens.distributed.runner import _agreed_across_ranks
+
+    def runner_cfg(lr: float) -> Any:
+        return LanguageModelSAERunnerConfig(
+            sae=TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4),
+            checkpoint_path="checkpoints",  # SAELens appends a random id per rank
+            lr=lr,
+            verbose=False,
+            logger=LoggingConfig(log_to_wandb=False),
+        )
+
+    agreed_checkpoint_path = _agreed_across_ranks(runner_cfg(1e-3)).checkpoint_path
+    try:
+        _agreed_across_ranks(runner_cfg(1e-3 * (rank + 1)))
+        mismatch = ""
+    except ValueError as e:
+        mismatch = str(e)
     return {
+        "agreed_checkpoint_path": agreed_checkpoint_path,
+        "mismatch": mismatch,
         "thresholds": thresholds,
         "scaling_factor": scaler.scaling_factor,
         "whitening_matrix": whitening.whitening.matrix,

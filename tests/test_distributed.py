@@ -124,6 +124,36 @@ def test_normalisation_estimates_use_the_global_batches(runs: list[dict[str, Any
         assert torch.equal(extras["whitening_matrix"], single.whitening.matrix)
 
 
+def test_ranks_agree_on_the_run_settings(runs: list[dict[str, Any]]) -> None:
+    paths = [run["extras"]["agreed_checkpoint_path"] for run in runs]
+    assert paths[0] == paths[1] and paths[0].startswith("checkpoints/")
+    for run in runs:  # started with different learning rates: refused on every rank
+        mismatch = run["extras"]["mismatch"]
+        assert "rank 1 was started with other settings than rank 0 (" in mismatch
+        assert ", lr, " in mismatch and "launch every rank with the same flags" in mismatch
+
+
+def test_only_rank_0_logs_and_evaluates() -> None:
+    from polysae_lens.distributed import DistributedContext, DistributedSAETrainer
+
+    cfg = workers.trainer_cfg()
+    cfg.logger.log_to_wandb = True
+    for rank in (0, 1):
+        context = DistributedContext(
+            "gloo", rank, 2, rank, torch.device("cpu"), DistributedConfig()
+        )
+        trainer = DistributedSAETrainer(
+            cfg=cfg,
+            sae=workers.make_sae("topk"),
+            data_provider=iter([]),
+            context=context,
+            evaluator=lambda *args: {},
+        )
+        assert trainer.cfg.logger.log_to_wandb is (rank == 0)
+        assert (trainer.evaluator is not None) is (rank == 0)
+        assert trainer.local_batch_size == workers.GLOBAL_BATCH // 2
+
+
 def test_a_failing_rank_ends_the_job(tmp_path: Path) -> None:
     """Rank 1 raises at its 4th step; rank 0, waiting in an all-reduce, must
     fail too (no launcher kills it here), both well within the bound after
