@@ -354,3 +354,29 @@ def test_cached_activations_are_sharded(tmp_path: Path) -> None:
         assert len(store.cached_activation_dataset) == 4
         seen.append({int(v) for _ in range(4) for v in next(store)[:, 0].tolist()})
     assert seen == [{0, 1, 2, 3}, {4, 5, 6, 7}]
+
+
+# ---- the benchmark ---------------------------------------------------------------------
+
+
+def test_benchmark_prints_its_table(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sae_lens.training.sae_trainer as sae_trainer_module
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import distributed as bench  # benchmarks/distributed.py
+
+    # what the benchmark changes in this process is put back afterwards
+    monkeypatch.setattr(sae_trainer_module, "tqdm", sae_trainer_module.tqdm)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick", "--architectures", "topk", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    table = [row for row in rows if row and row[0] == "topk"]
+    assert [row[1:3] for row in table] == [["1", "-"], ["2", "gloo"]]
+    assert all(float(row[3]) > 0 for row in table)  # tokens/s
+    assert table[1][5].endswith("%")  # communication share
