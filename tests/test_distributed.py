@@ -380,3 +380,28 @@ def test_benchmark_prints_its_table(
     assert [row[1:3] for row in table] == [["1", "-"], ["2", "gloo"]]
     assert all(float(row[3]) > 0 for row in table)  # tokens/s
     assert table[1][5].endswith("%")  # communication share
+
+
+def test_each_rank_keeps_its_pipeline_on_its_own_gpu() -> None:
+    """(Runs without a GPU: only the configuration is rewritten.)"""
+    from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+
+    from polysae_lens.distributed import DistributedContext
+    from polysae_lens.distributed.runner import _on_rank_device
+
+    cfg = LanguageModelSAERunnerConfig(
+        sae=TopKTrainingSAEConfig(d_in=16, d_sae=48, k=4),
+        device="cuda",
+        act_store_device="cpu",
+        verbose=False,
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    context = DistributedContext("nccl", 3, 4, 1, torch.device("cuda", 1), DistributedConfig())
+    placed = _on_rank_device(cfg, context)
+    assert (placed.device, placed.llm_device, placed.act_store_device) == (
+        "cuda:1",
+        "cuda:1",
+        "cpu",
+    )
+    assert cfg.device == "cuda"  # the caller's config is left alone

@@ -143,8 +143,8 @@ def init_process_group(config: DistributedConfig, device: str | torch.device) ->
     """Join the process group described by ``config`` (and the environment),
     with ``config.timeout_s`` on every collective; returns this rank's context.
 
-    ``device`` is the training device before rank placement: a CUDA device
-    without an index becomes ``cuda:<local_rank>`` (set as current).
+    ``device`` is the training device before rank placement: any CUDA device
+    becomes ``cuda:<local_rank>`` (set as current).
     """
     import torch.distributed as dist
 
@@ -156,7 +156,15 @@ def init_process_group(config: DistributedConfig, device: str | torch.device) ->
         else int(os.environ.get("LOCAL_RANK", str(rank)))
     )
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
+    if device.type == "cuda":
+        if device.index not in (None, local_rank):
+            logger.warning(
+                "rank %d trains on cuda:%d (its local rank), not on the configured %s: "
+                "each rank of a data-parallel run uses its own GPU.",
+                rank,
+                local_rank,
+                device,
+            )
         device = torch.device("cuda", local_rank)
     backend = config.backend
     if backend == "auto":

@@ -150,13 +150,14 @@ def _agreed_across_ranks(
 def _on_rank_device(
     cfg: LanguageModelSAERunnerConfig[Any], context: DistributedContext
 ) -> LanguageModelSAERunnerConfig[Any]:
-    """``cfg`` with every index-less CUDA device replaced by this rank's GPU."""
+    """``cfg`` with every CUDA device (SAE, LLM, activation store) replaced by
+    this rank's GPU: each rank keeps its whole pipeline on its own device."""
     if context.device.type != "cuda":
         return cfg
     cfg = copy.deepcopy(cfg)
     for name in ("device", "llm_device", "act_store_device"):
         value = getattr(cfg, name)
-        if value is not None and torch.device(value) == torch.device("cuda"):
+        if value is not None and torch.device(value).type == "cuda":
             setattr(cfg, name, str(context.device))
     return cfg
 
