@@ -339,6 +339,7 @@ def test_each_rank_reads_its_own_rows_in_local_batches() -> None:
         shard_activations_store(stores[0], 0, 2, global_batch_tokens=32)
 
 
+@pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted")
 def test_cached_activations_are_sharded(tmp_path: Path) -> None:
     from datasets import Array2D, Dataset, Features
 
