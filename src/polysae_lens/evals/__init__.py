@@ -17,7 +17,8 @@ and ``ProbingEvalConfig.protocol``) runs in a
 
 - SAETrainer evaluators :class:`ProbingEvaluator` and :class:`WassersteinEvaluator`
   (and :func:`add_probing_evaluators` for a stock
-  ``LanguageModelSAETrainingRunner``), and
+  ``LanguageModelSAETrainingRunner``, which also runs them with wandb off and
+  writes ``evals.jsonl``: :mod:`polysae_lens.evals.during_training`), and
 - the standalone evaluation :func:`polysae_lens.evals.cli.run_standalone_eval`
   (``python -m polysae_lens eval``).
 
@@ -37,6 +38,7 @@ from polysae_lens.evals.datasets import (
     DatasetTasks,
     LoadedDataset,
     ProbingDataset,
+    ProbingDatasetError,
     build_tasks,
     load_dataset_texts,
 )
@@ -69,6 +71,7 @@ __all__ = [
     "ProbeResult",
     "ProbeScore",
     "ProbingDataset",
+    "ProbingDatasetError",
     "ProbingEvalConfig",
     "ProbingEvaluator",
     "ProbingSuite",

@@ -53,6 +53,7 @@ from polysae_lens.evals.saebench import (
     check_protocol,
     saebench_negatives,
 )
+from polysae_lens.preflight import PreflightError
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ __all__ = [
     "DatasetTasks",
     "LoadedDataset",
     "ProbingDataset",
+    "ProbingDatasetError",
     "build_tasks",
     "europarl_rows",
     "label_key",
@@ -75,6 +77,12 @@ LOCAL_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 """File suffixes accepted as local datasets."""
 
 RowSource = Callable[[], Iterable[Mapping[str, Any]]]
+
+
+class ProbingDatasetError(PreflightError):
+    """A probing dataset that cannot be evaluated (unreachable, a missing column,
+    fewer than two classes, too few texts); raised when the evaluators are built,
+    before training. The message names the dataset, the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -539,13 +547,16 @@ def _check_classes(
     if missing and present:
         raise ValueError(
             f"dataset {spec.name!r}: class(es) {missing} have no texts{where}; labels found: "
-            f"{_sort_keys(present)[:20]}."
+            f"{_sort_keys(present)[:20]}. List only labels the data holds in "
+            "ProbingDataset.classes (or fix its label_map)."
         )
     if len(present) < 2:
         found = present[0] if present else None
         raise ValueError(
             f"dataset {spec.name!r} has a single class ({found!r}){where}: one-vs-rest tasks "
-            "need at least two classes."
+            f"need at least two classes. Use data with two or more labels in column "
+            f"{spec.label_column!r}, or point ProbingDataset.label_column at the column that "
+            "holds them."
         )
 
 

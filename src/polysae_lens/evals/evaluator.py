@@ -2,7 +2,8 @@
 
 SAETrainer calls its evaluator as ``evaluator(sae, data_provider,
 activation_scaler) -> dict`` every ``wandb_log_frequency * eval_every_n_wandb_logs``
-steps and logs the dict to wandb. :class:`ProbingEvaluator` and
+steps and logs the dict to wandb (only when logging to wandb; see below).
+:class:`ProbingEvaluator` and
 :class:`WassersteinEvaluator` have that signature; :class:`CombinedEvaluator`
 merges several (for example with the runner's own ``LLMSaeEvaluator``). One line
 adds both to a stock runner::
@@ -11,12 +12,20 @@ adds both to a stock runner::
     polysae_lens.evals.add_probing_evaluators(runner, ProbingEvalConfig(n_train=1000, n_test=500))
     runner.run()   # logs probing/... and wasserstein/... at the eval cadence
 
-Both evaluators share one :class:`ProbingSuite`. The suite loads the datasets,
-builds the tasks and collects the model's activations of every text once (at its
-first evaluation, or at :meth:`ProbingSuite.prepare`); each evaluation only
+Both evaluators share one :class:`ProbingSuite`. Building an evaluator loads
+and checks the suite's datasets (:meth:`ProbingSuite.load_datasets`), so a
+dataset that cannot work (unreachable, a missing column, a single class) raises
+:class:`~polysae_lens.evals.datasets.ProbingDatasetError` before training, not
+at the first eval step. The model's activations of every text are collected once,
+at the first evaluation (or at :meth:`ProbingSuite.prepare`); each evaluation only
 re-encodes the cached activations with the current SAE. The two evaluators of one
 eval step share a single encoding: results are memoised on the SAE's parameter
 versions.
+
+With ``log_to_wandb=False`` SAELens never calls its evaluator;
+:func:`add_probing_evaluators` makes the runner call it at the same cadence and
+record every result (console and ``evals.jsonl``, see
+:mod:`polysae_lens.evals.during_training`).
 
 Metric keys: see :mod:`polysae_lens.evals.results`.
 """
@@ -31,6 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from datasets.exceptions import DatasetsError
 from torch import Tensor
 
 from polysae_lens.evals._checks import check_all_finite
@@ -40,7 +50,14 @@ from polysae_lens.evals.activations import (
     pool_sae_latents,
 )
 from polysae_lens.evals.config import ProbingEvalConfig
-from polysae_lens.evals.datasets import BinaryTask, DatasetTasks, build_tasks, load_dataset_texts
+from polysae_lens.evals.datasets import (
+    BinaryTask,
+    DatasetTasks,
+    ProbingDatasetError,
+    build_tasks,
+    load_dataset_texts,
+)
+from polysae_lens.evals.during_training import install_on_runner
 from polysae_lens.evals.probing import (
     ProbeResult,
     fit_probe,
@@ -119,6 +136,7 @@ class ProbingSuite:
         self.n_collections = 0
         self.n_model_batches = 0
         self.n_encodings = 0
+        self._tasks: list[DatasetTasks] | None = None
         self._prepared: list[_PreparedDataset] | None = None
         self._memo: tuple[tuple[Any, ...], EvalResults] | None = None
         # Fail on a bad dataset entry now rather than at the first eval, hours in.
@@ -162,10 +180,56 @@ class ProbingSuite:
 
     # ---- preparation (once) --------------------------------------------------
 
+    def load_datasets(self) -> list[DatasetTasks]:
+        """Load and check every dataset and build its tasks; no model call. Does
+        the work once (the evaluators call it when they are built, so that a bad
+        dataset fails before training); later calls return the same tasks.
+
+        Raises:
+            ProbingDatasetError: a dataset that cannot be read or reached, lacks
+                the text or label column, has fewer than two classes or too few
+                texts for ``n_train`` / ``n_test``. The message names the dataset
+                and the fix.
+        """
+        if self._tasks is not None:
+            return self._tasks
+        cfg = self.config
+        all_tasks = []
+        for spec in cfg.resolved_datasets():
+            try:
+                loaded = load_dataset_texts(
+                    spec,
+                    needed_per_class=(cfg.n_train + cfg.n_test) // 2,
+                    seed=cfg.seed,
+                    protocol=cfg.protocol,
+                )
+                tasks = build_tasks(
+                    loaded,
+                    n_train=cfg.n_train,
+                    n_test=cfg.n_test,
+                    seed=cfg.seed,
+                    protocol=cfg.protocol,
+                )
+            except ProbingDatasetError:
+                raise
+            except ValueError as e:
+                # The loaders' messages already name the dataset, the problem and the fix.
+                raise ProbingDatasetError(str(e)) from e
+            except (OSError, DatasetsError) as e:
+                # Hub datasets: no network, an unknown id, offline mode without a cache.
+                raise ProbingDatasetError(
+                    f"dataset {spec.name!r}: cannot load {spec.describe_source()!r}: {e}. "
+                    "Check the dataset id and the network (or set HF_DATASETS_OFFLINE=1 "
+                    "with a cached copy), or use a local file."
+                ) from e
+            all_tasks.append(tasks)
+        self._tasks = all_tasks
+        return all_tasks
+
     @torch.no_grad()
     def prepare(self, data_provider: Any = None) -> None:
-        """Load the datasets, build the tasks, collect activations and fit the
-        model-reference probes. Does nothing after the first call.
+        """Load the datasets (:meth:`load_datasets`), collect activations and fit
+        the model-reference probes. Does nothing after the first call.
 
         ``data_provider``: the trainer's data provider; a prefetching one is paused
         while the suite runs the model (the prefetch thread runs it too).
@@ -175,23 +239,7 @@ class ProbingSuite:
         cfg = self.config
         # Every dataset is loaded before any model call: a dataset that fails to
         # load (bad column, no network) fails before minutes of collection.
-        all_tasks = []
-        for spec in cfg.resolved_datasets():
-            loaded = load_dataset_texts(
-                spec,
-                needed_per_class=(cfg.n_train + cfg.n_test) // 2,
-                seed=cfg.seed,
-                protocol=cfg.protocol,
-            )
-            all_tasks.append(
-                build_tasks(
-                    loaded,
-                    n_train=cfg.n_train,
-                    n_test=cfg.n_test,
-                    seed=cfg.seed,
-                    protocol=cfg.protocol,
-                )
-            )
+        all_tasks = self.load_datasets()
         prepared = []
         with _paused(data_provider):
             for tasks in all_tasks:
@@ -256,8 +304,9 @@ class ProbingSuite:
         Repeated calls with an unchanged SAE return the memoised result.
 
         Raises:
-            ValueError: a dataset problem (at the first call), a k larger than
-                d_sae, or NaN / inf latents.
+            ValueError: a dataset problem (:class:`ProbingDatasetError`, at the
+                first call unless an evaluator or :meth:`load_datasets` checked
+                them already), a k larger than d_sae, or NaN / inf latents.
         """
         self.prepare(data_provider)
         assert self._prepared is not None
@@ -368,13 +417,19 @@ class _TaskSplit:
 
 
 class _SuiteEvaluator:
-    """An SAETrainer evaluator returning one family of a suite's metrics."""
+    """An SAETrainer evaluator returning one family of a suite's metrics.
+
+    Building one loads and checks the suite's datasets (raises
+    :class:`~polysae_lens.evals.datasets.ProbingDatasetError`): an evaluator is
+    built before training, its first call comes an eval cadence into it.
+    """
 
     metrics_method: ClassVar[str]
 
     def __init__(self, suite: ProbingSuite, *, per_task: bool | None = None) -> None:
         self.suite = suite
         self.per_task = suite.config.per_task_metrics if per_task is None else per_task
+        suite.load_datasets()
 
     def __call__(
         self, sae: Any, data_provider: Any = None, activation_scaler: Any = None
@@ -423,10 +478,16 @@ class CombinedEvaluator:
 def add_probing_evaluators(
     runner: LanguageModelSAETrainingRunner, config: ProbingEvalConfig | None = None
 ) -> ProbingSuite:
-    """Make a stock ``LanguageModelSAETrainingRunner`` also log ``probing/...`` and
-    ``wasserstein/...`` at its eval cadence (before ``runner.run()``).
+    """Make a ``LanguageModelSAETrainingRunner`` (stock or a subclass) also evaluate
+    ``probing/...`` and ``wasserstein/...`` at its eval cadence (call before
+    ``runner.run()``).
 
-    The runner's own evaluator is kept and runs first. Returns the shared
+    Loads and checks the datasets now (raises
+    :class:`~polysae_lens.evals.datasets.ProbingDatasetError` before any training).
+    The runner's own evaluator is kept and runs first. Every evaluation is logged
+    to the console and appended to ``evals.jsonl`` beside the checkpoints, and
+    runs with ``log_to_wandb=False`` too (see
+    :mod:`polysae_lens.evals.during_training`). Returns the shared
     :class:`ProbingSuite` (e.g. to inspect ``n_collections``).
     """
     existing = runner.evaluator
@@ -444,6 +505,7 @@ def add_probing_evaluators(
     # The runner hands `evaluator` to SAETrainer, which accepts any callable with
     # the evaluator signature; the attribute is annotated with the LLM one only.
     runner.evaluator = combined  # type: ignore[assignment]
+    install_on_runner(runner)
     return suite
 
 
