@@ -159,6 +159,7 @@ def rank_main(rank: int, out_dir: str, scenarios: list[str], fail_rank: int | No
             hashes = data.hashes if isinstance(data, _Batches) else data.inner.hashes
             results[name] = _result(trainer, hashes)
         results["extras"] = _extras(rank)
+        results["interrupt"] = _interrupt_run(rank, out_dir, context, signal_rank=1)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -269,3 +270,54 @@ def torchrun_main() -> None:
 
 if __name__ == "__main__":
     torchrun_main()
+
+
+class _SignallingBatches(_Batches):
+    """Rank ``rank``'s batches; sends itself SIGINT when step ``at`` is fetched."""
+
+    def __init__(self, sae: torch.nn.Module, rank: int, at: int | None) -> None:
+        super().__init__(sae, rank)
+        self.at = at
+
+    def __next__(self) -> torch.Tensor:
+        if self.step == self.at:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().__next__()
+
+
+def _interrupt_run(rank: int, out_dir: str, context: Any, signal_rank: int) -> dict[str, Any]:
+    """A run in which rank ``signal_rank`` gets SIGINT at step 3, stopped through
+    the runner's interruption handling; what each rank saw."""
+    import dataclasses
+    import signal
+    import types
+
+    from polysae_lens.checkpointing import TrainingInterrupted
+    from polysae_lens.distributed import DistributedSAETrainer
+    from polysae_lens.distributed.runner import DistributedTrainingRunner
+
+    checkpoints = str(Path(out_dir) / "checkpoints")
+    sae = make_sae("poly")
+    data = _SignallingBatches(sae, rank, at=3 if rank == signal_rank else None)
+    cfg = dataclasses.replace(trainer_cfg(), checkpoint_path=checkpoints)
+    trainer = DistributedSAETrainer(cfg=cfg, sae=sae, data_provider=data, context=context)
+    # the runner's method needs only these two attributes of the runner
+    runner = types.SimpleNamespace(
+        cfg=types.SimpleNamespace(checkpoint_path=checkpoints), context=context
+    )
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        DistributedTrainingRunner.run_trainer_with_interruption_handling(runner, trainer)  # type: ignore[arg-type]
+    except TrainingInterrupted as e:
+        return {
+            "signum": int(e.signum),
+            "n_samples": e.n_samples,
+            "checkpoint": str(e.checkpoint),
+            "hash": state_hash(sae),
+        }
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    return {}

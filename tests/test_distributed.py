@@ -406,3 +406,20 @@ def test_each_rank_keeps_its_pipeline_on_its_own_gpu() -> None:
         "cpu",
     )
     assert cfg.device == "cuda"  # the caller's config is left alone
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(
+    runs: list[dict[str, Any]],
+) -> None:
+    import signal
+
+    outcomes = [run["interrupt"] for run in runs]
+    # SIGINT reached rank 1 while it fetched step 3's batch: both ranks finish
+    # that step, then stop with the same state and one checkpoint
+    assert [o["n_samples"] for o in outcomes] == [4 * workers.GLOBAL_BATCH] * 2
+    assert outcomes[0]["hash"] == outcomes[1]["hash"]
+    assert [o["signum"] for o in outcomes] == [signal.SIGTERM, signal.SIGINT]
+    checkpoint = Path(outcomes[0]["checkpoint"])
+    assert outcomes[1]["checkpoint"] == str(checkpoint)
+    assert checkpoint.name == str(4 * workers.GLOBAL_BATCH)
+    assert (checkpoint / "trainer_state.pt").exists()

@@ -204,9 +204,15 @@ def destroy_process_group() -> None:
 
 
 @contextlib.contextmanager
-def fail_fast(context: DistributedContext) -> Iterator[None]:
+def fail_fast(
+    context: DistributedContext, orderly: tuple[type[BaseException], ...] = ()
+) -> Iterator[None]:
     """Run the body; if it raises, log which rank failed and why, abort the
     process group so no collective of this rank waits any longer, and re-raise.
+
+    Exceptions of the ``orderly`` types are raised on every rank at the same
+    point (e.g. a stop all ranks agreed on): they leave the group as a success
+    does, then propagate.
 
     The other ranks then fail at their next collective: at once when the
     failed process exits (gloo sees the closed connection; torchrun also stops
@@ -214,10 +220,11 @@ def fail_fast(context: DistributedContext) -> Iterator[None]:
     ranks meet at a barrier before leaving the group, so rank 0 can still be
     writing the final SAE while the others wait.
     """
-    import torch.distributed as dist
-
     try:
         yield
+    except orderly:
+        _leave()
+        raise
     except BaseException as e:
         logger.error(
             "rank %d of %d failed (%s: %s); ending the data-parallel run.",
@@ -229,9 +236,16 @@ def fail_fast(context: DistributedContext) -> Iterator[None]:
         _abort()
         raise
     else:
-        if dist.is_initialized():
-            dist.barrier()
-        destroy_process_group()
+        _leave()
+
+
+def _leave() -> None:
+    """Meet the other ranks, then leave the group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    destroy_process_group()
 
 
 def _abort() -> None:

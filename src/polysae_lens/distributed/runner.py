@@ -78,7 +78,9 @@ def train_distributed(
     context = init_process_group(config, cfg.device)
     saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with fail_fast(context):
+        from polysae_lens.checkpointing import TrainingInterrupted
+
+        with fail_fast(context, orderly=(TrainingInterrupted,)):
             logger.info(context.describe(cfg.train_batch_size_tokens))
             cfg = _agreed_across_ranks(cfg)
             cfg = _on_rank_device(cfg, context)
@@ -242,6 +244,44 @@ class DistributedTrainingRunner(LanguageModelSAETrainingRunner):
         finally:
             if isinstance(data_provider, PrefetchingIterator):
                 data_provider.close()
+
+    def run_trainer_with_interruption_handling(self, trainer: Any) -> Any:
+        """Train; on SIGINT/SIGTERM (on any rank) every rank stops after the
+        same step, a resumable checkpoint is written (with ``checkpoint_path``)
+        and :class:`~polysae_lens.checkpointing.TrainingInterrupted` is raised
+        on every rank. A second signal aborts at once."""
+        from polysae_lens.checkpointing import TrainingInterrupted
+        from polysae_lens.distributed.trainer import StopRequested
+
+        received: list[int] = []
+
+        def handler(signum: int, frame: Any) -> None:
+            if received:
+                raise KeyboardInterrupt
+            received.append(signum)
+            trainer.request_stop()
+            logger.warning(
+                "rank %d: %s received, all ranks stop after this step to save a "
+                "checkpoint (send it again to abort without saving).",
+                self.context.rank,
+                signal.Signals(signum).name,
+            )
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+        try:
+            return trainer.fit()
+        except StopRequested:
+            pass
+        checkpoint = None
+        if self.cfg.checkpoint_path is not None:
+            name = str(trainer.n_training_samples)
+            trainer.save_checkpoint(checkpoint_name=name)
+            checkpoint = Path(self.cfg.checkpoint_path) / name
+        # a rank that saw no signal itself stops for another rank's
+        raise TrainingInterrupted(
+            received[0] if received else signal.SIGTERM, trainer.n_training_samples, checkpoint
+        )
 
     def save_checkpoint(self, checkpoint_path: Path | None) -> None:
         """Rank 0: SAELens's checkpoint extras (its data position, the runner

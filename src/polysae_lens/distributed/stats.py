@@ -4,7 +4,7 @@ Dead latents
     SAETrainer counts, per latent, the tokens it fired on (``act_freq_scores``)
     and the steps since it last fired (``n_forward_passes_since_fired``); the
     dead-latent mask that AuxK reads, the sparsity logs and the final L0 /
-    dead count all come from them. After each step :func:`reduce_dead_latent_stats`
+    dead count all come from them. After each step :func:`reduce_step_stats`
     replaces each rank's local update by the global one: firing counts summed
     over ranks, and a latent counts as fired if it fired on any rank. The
     trainer's ``n_frac_active_samples`` already counts global tokens (it adds
@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from sae_lens.training.activation_scaler import ActivationScaler
@@ -45,29 +45,46 @@ from torch import Tensor
 _UPDATE = "update_topk_threshold"
 
 
+class StepStats(NamedTuple):
+    """The statistics every rank holds after a step."""
+
+    act_freq_scores_F: Tensor
+    """Tokens each latent fired on, summed over ranks (since the last reset)."""
+    since_fired_F: Tensor
+    """Steps since each latent last fired on any rank."""
+    stop_requested: bool
+    """Whether any rank asked to stop after this step (a signal)."""
+
+
 @torch.no_grad()
-def reduce_dead_latent_stats(
+def reduce_step_stats(
     act_freq_before_F: Tensor,
     since_fired_before_F: Tensor,
     act_freq_after_F: Tensor,
+    stop_requested: bool = False,
     process_group: Any = None,
-) -> tuple[Tensor, Tensor]:
-    """The global ``(act_freq_scores, n_forward_passes_since_fired)`` after a
-    step, from the values before it and this rank's ``act_freq_scores`` after it.
+) -> StepStats:
+    """The global dead-latent statistics after a step, from the values before
+    it and this rank's ``act_freq_scores`` after it, and whether any rank
+    wants to stop.
 
-    One all-reduce of d_sae floats: the summed firing counts also tell which
-    latents fired anywhere (a count above zero).
+    One all-reduce of d_sae + 1 floats: the summed firing counts also tell
+    which latents fired anywhere (a count above zero), and the stop request
+    rides along so that every rank stops after the same step.
     """
     import torch.distributed as dist
 
-    fired_count_F = act_freq_after_F - act_freq_before_F
-    dist.all_reduce(fired_count_F, op=dist.ReduceOp.SUM, group=process_group)
+    counts = torch.cat(
+        [act_freq_after_F - act_freq_before_F, act_freq_after_F.new_tensor([float(stop_requested)])]
+    )
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=process_group)
+    fired_count_F = counts[:-1]
     since_fired_F = torch.where(
         fired_count_F > 0,
         torch.zeros_like(since_fired_before_F),
         since_fired_before_F + 1,
     )
-    return act_freq_before_F + fired_count_F, since_fired_F
+    return StepStats(act_freq_before_F + fired_count_F, since_fired_F, bool(counts[-1] > 0))
 
 
 @contextlib.contextmanager

@@ -30,10 +30,19 @@ from polysae_lens.distributed.process_group import DistributedContext
 from polysae_lens.distributed.stats import (
     DistributedActivationScaler,
     global_topk_threshold_update,
-    reduce_dead_latent_stats,
+    reduce_step_stats,
 )
 
 logger = logging.getLogger(__name__)
+
+
+class StopRequested(Exception):
+    """Raised by :meth:`DistributedSAETrainer.fit` on every rank after the step
+    in which some rank called :meth:`~DistributedSAETrainer.request_stop`."""
+
+    def __init__(self, n_training_samples: int) -> None:
+        super().__init__(f"stop requested after {n_training_samples} training samples")
+        self.n_training_samples = n_training_samples
 
 
 class DistributedSAETrainer(SAETrainer[T_TRAINING_SAE, T_TRAINING_SAE_CONFIG]):
@@ -85,6 +94,10 @@ class DistributedSAETrainer(SAETrainer[T_TRAINING_SAE, T_TRAINING_SAE_CONFIG]):
             save_checkpoint_fn=save_checkpoint_fn,
         )
         self.activation_scaler = DistributedActivationScaler(process_group=process_group)
+        self.stop_requested_here = False
+        """Set by :meth:`request_stop` on this rank."""
+        self.stop_agreed = False
+        """Whether some rank requested a stop by the end of the last step."""
 
     def fit(self) -> T_TRAINING_SAE:
         self.sae.to(self.cfg.device)
@@ -108,13 +121,33 @@ class DistributedSAETrainer(SAETrainer[T_TRAINING_SAE, T_TRAINING_SAE_CONFIG]):
         since_fired_before_F = self.n_forward_passes_since_fired.clone()
         output = super().step(batch)
         self.n_training_samples += batch.shape[0] * (self.context.world_size - 1)
-        self.act_freq_scores, self.n_forward_passes_since_fired = reduce_dead_latent_stats(
+        stats = reduce_step_stats(
             act_freq_before_F,
             since_fired_before_F,
             self.act_freq_scores,
+            self.stop_requested_here,
             self.process_group,
         )
+        self.act_freq_scores = stats.act_freq_scores_F
+        self.n_forward_passes_since_fired = stats.since_fired_F
+        self.stop_agreed = stats.stop_requested
         return output
+
+    def request_stop(self) -> None:
+        """Ask every rank to stop after the current step (safe to call from a
+        signal handler): :meth:`fit` then raises :class:`StopRequested` on all
+        ranks after the same step, with identical state everywhere."""
+        self.stop_requested_here = True
+
+    def _update_pbar(
+        self, step_output: TrainStepOutput, pbar: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        # SAETrainer calls this last in each iteration, after the step counters,
+        # logging and checkpointing: the one point where every rank has finished
+        # the same whole step.
+        super()._update_pbar(step_output, pbar, *args, **kwargs)
+        if self.stop_agreed:
+            raise StopRequested(self.n_training_samples)
 
     def save_checkpoint(
         self,
