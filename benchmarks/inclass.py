@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import sae_lens.training.sae_trainer as sae_trainer_module
 import torch
@@ -59,7 +60,9 @@ from polysae_lens.inclass import (
     sample_codes,
 )
 
-sae_trainer_module.tqdm = functools.partial(tqdm, disable=True)  # type: ignore[attr-defined]
+# SAETrainer draws a progress bar per run; hidden during this script's runs
+# only (patched around each fit, so importing the module changes nothing).
+_QUIET_TQDM = functools.partial(tqdm, disable=True)
 
 
 def paper_kwargs() -> dict[str, Any]:
@@ -210,7 +213,8 @@ def train(
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data())
     if setup is not None:
         setup(trainer, sae)
-    trainer.fit()
+    with mock.patch.object(sae_trainer_module, "tqdm", _QUIET_TQDM):
+        trainer.fit()
     result.mse[steps] = heldout_mse(sae, eval_x)
     if probe is not None:
         trace.append({"step": steps, **probe(sae, steps)})

@@ -221,7 +221,7 @@ class _PolyTrainingDefaults:
     U @ C1 unchanged) by an Adam step of their own on the loss's gradient along
     that orbit (:func:`polysae_lens.stiefel.gauge_step_`). It lets the
     interaction terms choose which directions of U they square, which U's own
-    Adam step does only very slowly (README "Training dynamics"). Only at
+    Adam step does only very slowly (``docs/inclass-plateau.md``). Only at
     order >= 2. 0 turns it off (the paper's model and update)."""
     stiefel_every_n_steps: int = 1
     """Retract U onto the Stiefel manifold after every n-th optimizer step. The

@@ -351,11 +351,12 @@ def gauge_step_(sae: nn.Module, optimizer: Optimizer, gamma_RR: Tensor, scale: f
     """Turn U and C1 along the gauge orbit by an Adam step on ``gamma_RR``
     (:func:`gauge_gradient`, taken before the optimizer's step).
 
-    U's own Adam step cannot do this at a useful speed: U's second moments are
-    set by the linear term's gradient, which is orders of magnitude larger than
-    the interaction terms' and has no component along the orbit, so the orbit
-    component of U's step is scaled down by that ratio (README "Training
-    dynamics", in-class data). Here the orbit gradient gets moments of its own,
+    U's own Adam step does this only slowly: U's second moments are set mostly
+    by the linear term's gradient, which is much larger than the interaction
+    terms' and has no component along the orbit, so the orbit component of U's
+    step is scaled down accordingly (measured in ``docs/inclass-plateau.md``:
+    the first R2 columns of U find the planted quadratic subspace several times
+    faster with this step). Here the orbit gradient gets moments of its own,
     kept in the optimizer's state for U (``gauge_exp_avg``, ``gauge_exp_avg_sq``,
     ``gauge_step``, so they are checkpointed with it), with the betas, eps and
     learning rate of U's parameter group times ``scale``. The rotation
