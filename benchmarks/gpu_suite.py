@@ -38,7 +38,6 @@ from typing import Any, NamedTuple
 
 import torch
 from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
-from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainStepInput
 
 import polysae_lens
@@ -46,6 +45,7 @@ from polysae_lens import orthogonality_error, qr_retract
 from polysae_lens.stiefel import cholesky_qr_retract_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import training_step
 from training_step import Shape
 
 TIMING_SHAPES = {
@@ -235,15 +235,19 @@ def run_checks(device: str) -> list[Check]:
 
 
 def make_trainer(sae: Any, shape: Shape, device: str, autocast: bool) -> SAETrainer[Any, Any]:
-    cfg = SAETrainerConfig(
-        total_training_samples=10**12,
-        train_batch_size_samples=shape.batch,
-        lr=3e-4,
-        lr_end=3e-4,
-        autocast=autocast,
+    return training_step.make_trainer(sae, shape, autocast, device=device)
+
+
+def topk_training_sae(shape: Shape, device: str) -> TopKTrainingSAE:
+    """SAELens's TopK SAE as the paper trains it (no decoder-norm rescaling)."""
+    cfg = TopKTrainingSAEConfig(
+        d_in=shape.d_in,
+        d_sae=shape.d_sae,
+        k=shape.k,
+        rescale_acts_by_decoder_norm=False,
         device=device,
     )
-    return SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
+    return TopKTrainingSAE(cfg)
 
 
 def sparsify_contender(shape: Shape, device: str) -> tuple[Any, Any] | None:
@@ -281,15 +285,7 @@ def time_shape(shape: Shape, device: str, autocast: bool, repeats: int) -> dict[
     dev_type = torch.device(device).type
     gen = torch.Generator().manual_seed(1)
     batch = torch.randn(shape.batch, shape.d_in, generator=gen).to(device)
-    topk = TopKTrainingSAE(
-        TopKTrainingSAEConfig(
-            d_in=shape.d_in,
-            d_sae=shape.d_sae,
-            k=shape.k,
-            rescale_acts_by_decoder_norm=False,
-            device=device,
-        )
-    )
+    topk = topk_training_sae(shape, device)
     poly = on_device(poly_training_sae("poly", shape), device)
     trainers = {"saelens_topk": make_trainer(topk, shape, device, autocast)}
     trainers["polysae"] = make_trainer(poly, shape, device, autocast)
@@ -349,15 +345,7 @@ def peak_memory(shape: Shape, device: str, autocast: bool) -> dict[str, float]:
         if name == "polysae":
             sae: Any = on_device(poly_training_sae("poly", shape), device)
         else:
-            sae = TopKTrainingSAE(
-                TopKTrainingSAEConfig(
-                    d_in=shape.d_in,
-                    d_sae=shape.d_sae,
-                    k=shape.k,
-                    rescale_acts_by_decoder_norm=False,
-                    device=device,
-                )
-            )
+            sae = topk_training_sae(shape, device)
         trainer = make_trainer(sae, shape, device, autocast)
         batch = torch.randn(shape.batch, shape.d_in, device=device)
         for _ in range(3):

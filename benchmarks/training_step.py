@@ -96,13 +96,16 @@ def build(contender: str, shape: Shape, training: bool, autocast: bool = False) 
     return sae
 
 
-def make_trainer(sae: Any, shape: Shape, autocast: bool) -> SAETrainer[Any, Any]:
+def make_trainer(
+    sae: Any, shape: Shape, autocast: bool, device: str = "cpu"
+) -> SAETrainer[Any, Any]:
     cfg = SAETrainerConfig(
         total_training_samples=10**12,
         train_batch_size_samples=shape.batch,
         lr=3e-4,
         lr_end=3e-4,
         autocast=autocast,
+        device=device,
     )
     return SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
 
