@@ -20,6 +20,13 @@ held-out MSE (sum over d_in, mean over rows) is read at a budget ``B`` and at
   the same way (:func:`polysae_lens.inclass.oracle_sae`).
 
 ``gap closed`` = (MSE_topk - MSE_poly2) / (MSE_topk - MSE_oracle), per seed.
+``pair cos`` (in-class, order >= 2 models): issue 13's interaction target,
+:func:`polysae_lens.inclass.interaction_recovery` -- true atoms matched one to
+one to learned latents by the cosine of their first-order decoder rows
+(Hungarian, kept at cosine >= 0.7), then the cosine between planted and learned
+pairwise interaction vectors ``v_ij``, averaged over the pairs that co-fire in
+4096 generated rows, weighted by co-firing count (``matched`` = share of atoms
+matched).
 A ``linear`` suite repeats TopK, poly2 and poly1 on linear data (SAELens's
 ``FeatureDictionary`` atoms, the same codes, no interactions).
 
@@ -56,6 +63,7 @@ from polysae_lens.inclass import (
     InClassConfig,
     InClassGroundTruth,
     build_in_class,
+    interaction_recovery,
     oracle_sae,
     sample_codes,
 )
@@ -163,6 +171,26 @@ class RunResult:
 
 
 Probe = Callable[[nn.Module, int], dict[str, float]]
+Metric = Callable[[nn.Module], dict[str, float] | None]
+
+
+def recovery_metric(truth: InClassGroundTruth, n: int = 4096) -> Metric:
+    """``pair cos`` and ``matched`` of an order >= 2 PolySAE against ``truth``
+    (None for other models): :func:`polysae_lens.inclass.interaction_recovery`."""
+    z_BN = truth.sample(n, truth.generator(777_777)).z_BN
+
+    def metric(sae: nn.Module) -> dict[str, float] | None:
+        if getattr(getattr(sae, "cfg", None), "poly_order", 0) < 2:
+            return None
+        rec = interaction_recovery(truth.weights, sae, z_BN)
+        return {
+            "pair_cos": rec.weighted_cos,
+            "pair_cos_unweighted": rec.mean_cos,
+            "pair_cos_strict": rec.strict_weighted_cos,
+            "matched": rec.matched_fraction,
+        }
+
+    return metric
 
 
 def train(
@@ -179,11 +207,13 @@ def train(
     probe: Probe | None = None,
     probe_every: int = 0,
     setup: Callable[[SAETrainer, nn.Module], None] | None = None,
+    metric: Metric | None = None,
 ) -> RunResult:
     """Train one contender through the stock SAETrainer; MSE at ``checkpoints``.
 
     ``probe(sae, step)`` (every ``probe_every`` steps) records diagnostics;
-    ``setup(trainer, sae)`` runs before training (extra hooks, weight edits).
+    ``setup(trainer, sae)`` runs before training (extra hooks, weight edits);
+    ``metric(sae)`` is recorded with the MSE (``extra["metric"][step]``).
     """
     torch.manual_seed(seed)
     sae = build(c, source.truth, k)
@@ -191,6 +221,12 @@ def train(
     gen = source.truth.generator(100 + seed)
     step_times: list[float] = []
     trace: list[dict[str, float]] = []
+    metrics: dict[int, dict[str, float]] = {}
+
+    def record(step: int) -> None:
+        result.mse[step] = heldout_mse(sae, eval_x)
+        if metric is not None and (value := metric(sae)) is not None:
+            metrics[step] = value
 
     def data() -> Iterator[Tensor]:
         step = 0
@@ -199,7 +235,7 @@ def train(
             if handed_out is not None:
                 step_times.append(time.perf_counter() - handed_out)
             if step in checkpoints:
-                result.mse[step] = heldout_mse(sae, eval_x)
+                record(step)
             if probe is not None and probe_every and step % probe_every == 0:
                 trace.append({"step": step, **probe(sae, step)})
             x = source.sample(batch, gen)
@@ -215,7 +251,9 @@ def train(
         setup(trainer, sae)
     with mock.patch.object(sae_trainer_module, "tqdm", _QUIET_TQDM):
         trainer.fit()
-    result.mse[steps] = heldout_mse(sae, eval_x)
+    record(steps)
+    if metrics:
+        result.extra["metric"] = metrics
     if probe is not None:
         trace.append({"step": steps, **probe(sae, steps)})
         result.extra["trace"] = trace  # type: ignore[assignment]
@@ -272,6 +310,19 @@ def print_table(title: str, results: list[RunResult], budgets: list[int]) -> Non
             for b in budgets:
                 ratio = [p / t for t, p in zip(table["topk"][b], table[name][b], strict=True)]
                 print(f"MSE {name} / topk at {b}: {fmt(ratio)}")
+    with_metric = [r for r in results if "metric" in r.extra]
+    if with_metric:
+        print("pair cos (weighted over co-firing pairs) / share of atoms matched:")
+        by_name: dict[str, list[RunResult]] = {}
+        for r in with_metric:
+            by_name.setdefault(r.name, []).append(r)
+        for name, runs in by_name.items():
+            cells = []
+            for b in budgets:
+                cos = [r.extra["metric"][b]["pair_cos"] for r in runs]
+                matched = [r.extra["metric"][b]["matched"] for r in runs]
+                cells.append(f"at {b}: {fmt(cos)} / {fmt(matched)}")
+            print(f"  {name}: " + "; ".join(cells))
     times: dict[str, list[float]] = {}
     for r in results:
         times.setdefault(r.name, []).append(r.ms_per_step)
@@ -301,10 +352,22 @@ def run_suite(
         truth = build_in_class(dataclasses.replace(cfg, seed=seed))
         source = DataSource(truth, linear=linear)
         eval_x = source.sample(n_eval, truth.generator(999_999))
+        metric = None if linear else recovery_metric(truth)
         for c in rows:
             t0 = time.perf_counter()
             results.append(
-                train(c, source, seed, 4 * budget, [budget], eval_x, lr=lr, batch=batch, k=k)
+                train(
+                    c,
+                    source,
+                    seed,
+                    4 * budget,
+                    [budget],
+                    eval_x,
+                    lr=lr,
+                    batch=batch,
+                    k=k,
+                    metric=metric,
+                )
             )
             print(
                 f"  [{title}] seed {seed} {c.name}: {time.perf_counter() - t0:.0f}s",
