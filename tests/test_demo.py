@@ -13,7 +13,8 @@ import torch
 
 from polysae_lens import groundtruth
 from polysae_lens.cli import main
-from polysae_lens.report import PLOT_FILES, Row, summary_rows
+from polysae_lens.noise import Interval
+from polysae_lens.report import PLOT_FILES, Row, markdown_report, summary_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PER_SAE_KEYS = {
@@ -67,7 +68,14 @@ def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, str
 def test_quick_demo_writes_results_report_and_plots(quick_runs: list[tuple[Path, str]]) -> None:
     out, printed = quick_runs[0]
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"config", "ground_truth", "saes", "curves", "runtime_seconds"}
+    assert set(results) == {
+        "config",
+        "ground_truth",
+        "saes",
+        "curves",
+        "runtime_seconds",
+        "comparisons",
+    }
     assert set(results["saes"]) == {"linear", "poly", "poly_order1"}
     assert set(results["saes"]["linear"]) >= PER_SAE_KEYS
     assert set(results["saes"]["poly"]) >= PER_SAE_KEYS | POLY_ONLY_KEYS
@@ -113,17 +121,82 @@ def test_quick_demo_is_reproducible(quick_runs: list[tuple[Path, str]]) -> None:
     assert _without_runtime(ra) == _without_runtime(rb)
 
 
-def test_report_names_what_poly_does_not_win() -> None:
+def _interval(low: float, high: float, n_units: int = 100) -> Interval:
+    return Interval((low + high) / 2, low, high, 0.95, 1000, n_units)
+
+
+def test_verdicts_follow_the_noise_interval() -> None:
+    win = {"linear": _interval(-2.0, -0.5), "poly_order1": _interval(0.5, 2.0)}
+    within = {"linear": _interval(-0.1, 0.2), "poly_order1": _interval(-0.3, 0.1)}
     rows = [
-        Row("mse", {"linear": 1.0, "poly": 2.0, "poly_order1": 0.5}, "lower"),
-        Row("f1", {"linear": 0.9, "poly": 0.8, "poly_order1": 0.8}, "higher"),
-        Row("r", {"linear": 0.5, "poly": -0.1, "poly_order1": 0.2}, "closer_to_zero"),
-        Row("l0", {"linear": 5.0, "poly": 5.0, "poly_order1": 5.0}, "none"),
+        Row("mse", {"linear": 2.0, "poly": 1.0, "poly_order1": 0.5}, "lower", win),
+        Row("f1", {"linear": 0.9, "poly": 0.8, "poly_order1": 0.8}, "higher", win),
+        Row("ev", {"linear": 0.5, "poly": 0.6, "poly_order1": 0.6}, "higher", within),
+        Row(
+            "few",
+            {"linear": 0.5, "poly": 0.9, "poly_order1": 0.9},
+            "higher",
+            {
+                "linear": _interval(0.3, 0.5, n_units=4),
+                "poly_order1": _interval(0.3, 0.5, n_units=4),
+            },
+        ),
+        # A 50% difference without a noise estimate gets no verdict.
+        Row("no noise", {"linear": 1.0, "poly": 1.5, "poly_order1": 1.0}, "higher"),
+        Row("l0", {"linear": 5.0, "poly": 5.0, "poly_order1": 5.0}, "none", win),
         Row("only poly", {"linear": None, "poly": 0.3, "poly_order1": None}, "higher"),
     ]
-    assert [r.winner() for r in rows] == ["linear", "linear", "poly", "", ""]
+    assert [r.winner() for r in rows] == ["poly", "linear", "tie", "unjudged", "", "", ""]
     ablation = [r.winner("poly_order1", "poly") for r in rows]
-    assert ablation == ["poly_order1", "tie", "poly", "", ""]
+    assert ablation == ["poly_order1", "poly", "tie", "unjudged", "", "", ""]
+
+
+def _with_mse_interval(results: dict[str, Any], low: float, high: float) -> dict[str, Any]:
+    comparisons = {other: dict(by_metric) for other, by_metric in results["comparisons"].items()}
+    comparisons["linear"]["mse"] = _interval(low, high, n_units=8000)._asdict()
+    return {**results, "comparisons": comparisons}
+
+
+def _report_line(report: str, metric: str) -> str:
+    return next(line for line in report.splitlines() if line.startswith(f"| {metric}"))
+
+
+def test_report_words_a_win_only_outside_noise(quick_runs: list[tuple[Path, str]]) -> None:
+    results = json.loads((quick_runs[0][0] / "results.json").read_text())
+    tie = markdown_report(_with_mse_interval(results, -0.004, 0.002))
+    line = _report_line(tie, "MSE (held out)")
+    assert "tie (within noise)" in line and "[-0.0040, +0.0020]" in line
+    assert "PolySAE " not in line.split("|")[5]
+    assert "- MSE (held out): tie (within noise), PolySAE - linear" in tie
+    win = markdown_report(_with_mse_interval(results, -0.004, -0.002))
+    line = _report_line(win, "MSE (held out)")
+    assert line.split("|")[5].strip() == "PolySAE" and "[-0.0040, -0.0020]" in line
+    assert "- MSE (held out):" not in win
+    loss = markdown_report(_with_mse_interval(results, 0.002, 0.004))
+    assert _report_line(loss, "MSE (held out)").split("|")[5].strip() == "linear TopK"
+    assert "- MSE (held out): linear TopK, PolySAE - linear" in loss
+    assert "seed-to-seed" in win
+
+
+def test_comparisons_bootstrap_the_reported_metrics(quick_runs: list[tuple[Path, str]]) -> None:
+    results = json.loads((quick_runs[0][0] / "results.json").read_text())
+    saes, comparisons = results["saes"], results["comparisons"]
+    assert set(comparisons) == {"linear", "poly_order1"}
+    expected_keys = {"mse", "explained_variance", "dead_latents", "mcc", "composite_latent_cosine"}
+    expected_keys |= {f"probing.{key}" for key in saes["poly"]["probing"]}
+    for other, by_metric in comparisons.items():
+        assert set(by_metric) == expected_keys
+        for key, interval in by_metric.items():
+            path = key.split(".")
+            poly, rival = saes["poly"], saes[other]
+            for part in path:
+                poly, rival = poly[part], rival[part]
+            # The bootstrap's observed difference is the reported one: same units.
+            assert interval["difference"] == pytest.approx(poly - rival, abs=1e-5), key
+            assert interval["low"] <= interval["high"]
+            assert interval["n_boot"] == results["config"]["n_boot"]
+    assert comparisons["linear"]["mse"]["n_units"] == results["config"]["eval_samples"]
+    assert comparisons["linear"]["probing.f1_k1"]["n_units"] == results["config"]["probe_tasks"]
 
 
 def test_summary_rows_cover_the_issue_metrics(quick_runs: list[tuple[Path, str]]) -> None:

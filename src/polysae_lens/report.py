@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from polysae_lens.noise import Interval
+
 Better = Literal["higher", "lower", "closer_to_zero", "none"]
 
 PLOT_FILES = {
@@ -29,22 +31,67 @@ class Row(NamedTuple):
     """Value per SAE name (keys of :data:`SAE_LABELS` present in the results)."""
     better: Better
     """Which direction is better; ``"none"`` for descriptive rows."""
+    intervals: dict[str, Interval] | None = None
+    """Noise estimate of ``values["poly"] - values[other]`` per other SAE name
+    (:func:`polysae_lens.noise.paired_bootstrap`); ``None`` when there is none."""
+
+    def interval(self, a: str = "linear", b: str = "poly") -> Interval | None:
+        """The interval of ``b - a``, when there is one (``b`` must be ``"poly"``)."""
+        if b != "poly" or not self.intervals:
+            return None
+        return self.intervals.get(a)
 
     def winner(self, a: str = "linear", b: str = "poly") -> str:
-        """Which of SAEs ``a`` and ``b`` is better: their name, ``"tie"``, or
-        ``""`` when not comparable."""
+        """Which of SAEs ``a`` and ``b`` is better: their name, or ``"tie"`` when
+        the noise interval of the difference contains 0, ``"unjudged"`` when it
+        rests on fewer than :data:`MIN_UNITS` units; ``""`` when not comparable
+        or without a noise estimate (no verdict without one)."""
         va, vb = self.values.get(a), self.values.get(b)
-        if self.better == "none" or va is None or vb is None:
+        if self.better in ("none", "closer_to_zero") or va is None or vb is None:
             return ""
         if math.isnan(va) or math.isnan(vb):
             return ""
-        if self.better == "closer_to_zero":
-            va, vb = -abs(va), -abs(vb)
-        elif self.better == "lower":
-            va, vb = -va, -vb
-        if math.isclose(va, vb, rel_tol=1e-3, abs_tol=1e-6):
+        interval = self.interval(a, b)
+        if interval is None:
+            return ""
+        if interval.n_units < MIN_UNITS:
+            return "unjudged"
+        if not interval.excludes_zero():
             return "tie"
-        return b if vb > va else a
+        b_larger = interval.difference > 0
+        return b if b_larger == (self.better == "higher") else a
+
+
+MIN_UNITS = 10
+"""Fewest resampled units (e.g. composition tasks) a verdict rests on: a bootstrap
+over fewer says little about the noise."""
+
+VERDICT_WORDS = {"tie": "tie (within noise)", "unjudged": "not judged (too few units)", "": ""}
+
+
+def verdict(row: Row, a: str = "linear", b: str = "poly") -> str:
+    """The words for :meth:`Row.winner`: the winner's label or ``tie (within noise)``."""
+    w = row.winner(a, b)
+    return VERDICT_WORDS.get(w, SAE_LABELS.get(w, w))
+
+
+def _fmt_interval(interval: Interval | None) -> str:
+    if interval is None:
+        return ""
+    return (
+        f"{_fmt_signed(interval.difference)} "
+        f"[{_fmt_signed(interval.low)}, {_fmt_signed(interval.high)}]"
+    )
+
+
+def _fmt_signed(value: float) -> str:
+    if value == 0:
+        return "0"
+    if value == int(value) and abs(value) >= 1:
+        return f"{int(value):+d}"
+    if abs(value) < 1e-3 or abs(value) >= 1e4:
+        return f"{value:+.2e}"
+    return f"{value:+.4f}"
 
 
 def _get(d: dict[str, Any] | None, *path: str) -> float | None:
@@ -59,9 +106,17 @@ def summary_rows(results: dict[str, Any]) -> list[Row]:
     """The side-by-side rows of a study's results."""
     saes = results["saes"]
     lin = saes["linear"]
+    comparisons: dict[str, dict[str, dict[str, Any]]] = results.get("comparisons", {})
 
     def row(metric: str, better: Better, *path: str) -> Row:
-        return Row(metric, {name: _get(sae, *path) for name, sae in saes.items()}, better)
+        key = ".".join(path)
+        intervals = {
+            other: Interval(**by_metric[key])
+            for other, by_metric in comparisons.items()
+            if key in by_metric
+        }
+        values = {name: _get(sae, *path) for name, sae in saes.items()}
+        return Row(metric, values, better, intervals or None)
 
     rows = [
         row("MSE (held out)", "lower", "mse"),
@@ -117,21 +172,58 @@ def _fmt(value: float | None) -> str:
 
 def format_table(rows: list[Row]) -> str:
     """A Markdown table (also readable as plain text); ``better`` compares the
-    PolySAE with the linear SAE."""
+    PolySAE with the linear SAE, and the last column is the noise interval of
+    that difference."""
     width = max(len(r.metric) for r in rows)
     names = [name for name in SAE_LABELS if name in rows[0].values]
     cols = [max(len(SAE_LABELS[n]), 10) for n in names]
+    verdicts = [verdict(r) for r in rows]
+    intervals = [_fmt_interval(r.interval()) for r in rows]
+    vw = max(len("better"), *(len(v) for v in verdicts))
+    iw = max(len(INTERVAL_TITLE), *(len(i) for i in intervals))
     header = "".join(f" {SAE_LABELS[n]:>{c}} |" for n, c in zip(names, cols, strict=True))
     rule = "".join(f"{'-' * (c + 1)}:|" for c in cols)
-    lines = [f"| {'metric':<{width}} |{header} better |", f"|{'-' * (width + 2)}|{rule}--------|"]
-    for r in rows:
+    lines = [
+        f"| {'metric':<{width}} |{header} {'better':<{vw}} | {INTERVAL_TITLE:<{iw}} |",
+        f"|{'-' * (width + 2)}|{rule}{'-' * (vw + 2)}|{'-' * (iw + 2)}|",
+    ]
+    for r, v, i in zip(rows, verdicts, intervals, strict=True):
         cells = "".join(f" {_fmt(r.values[n]):>{c}} |" for n, c in zip(names, cols, strict=True))
-        lines.append(f"| {r.metric:<{width}} |{cells} {r.winner():<6} |")
+        lines.append(f"| {r.metric:<{width}} |{cells} {v:<{vw}} | {i:<{iw}} |")
     return "\n".join(lines)
 
 
+INTERVAL_TITLE = "PolySAE - linear [95% interval]"
+
+
 def _losses(rows: list[Row]) -> list[str]:
-    return [r.metric for r in rows if r.winner() in ("linear", "tie")]
+    return [
+        f"{r.metric}: {verdict(r)}, PolySAE - linear {_fmt_interval(r.interval())}"
+        for r in rows
+        if r.winner() in ("linear", "tie", "unjudged")
+    ]
+
+
+def _ablation_lines(rows: list[Row]) -> list[str]:
+    def listed(which: str) -> str:
+        items = [
+            f"{r.metric} ({_fmt_interval(r.interval('poly_order1'))})"
+            for r in rows
+            if r.winner("poly_order1", "poly") == which
+        ]
+        return ", ".join(items) or "none"
+
+    return [
+        "",
+        "## What the polynomial terms add (PolySAE vs its order-1 ablation)",
+        "",
+        "PolySAE - order 1 with its 95% interval in brackets.",
+        "",
+        "- better with the polynomial terms: " + listed("poly"),
+        "- better without them: " + listed("poly_order1"),
+        "- tie (within noise): " + listed("tie"),
+        f"- not judged (fewer than {MIN_UNITS} units): " + listed("unjudged"),
+    ]
 
 
 def _corr(d: dict[str, Any] | None) -> str:
@@ -162,8 +254,15 @@ def markdown_report(results: dict[str, Any]) -> str:
         "",
         format_table(rows),
         "",
-        "`better` compares PolySAE with the linear TopK SAE (`tie` within 0.1%); "
-        "blank rows are descriptive or apply to one SAE only. PolySAE order 1 is an "
+        "`better` compares PolySAE with the linear TopK SAE: a side wins only when the "
+        f"95% paired bootstrap interval of the difference ({cfg.get('n_boot', 'n/a')} "
+        "resamples of the held-out samples, atoms, planted pairs or composition tasks "
+        "the metric averages over) excludes 0; otherwise it is a `tie (within noise)`. "
+        "The interval covers evaluation noise only, not seed-to-seed training "
+        "variance: one seed's win is not a result that holds across seeds. "
+        f"Rows whose metric averages fewer than {MIN_UNITS} units (the composition "
+        "tasks) are `not judged`. "
+        "Blank rows are descriptive or apply to one SAE only. PolySAE order 1 is an "
         "ablation: the same U @ C1 parametrisation, initialisation and Stiefel "
         "retraction, without the quadratic and cubic terms.",
         "",
@@ -173,19 +272,9 @@ def markdown_report(results: dict[str, Any]) -> str:
     if losses:
         lines += [f"- {m}" for m in losses]
     else:
-        lines.append("- PolySAE is better on every comparable metric in this run.")
+        lines.append("- PolySAE is better beyond noise on every comparable metric in this run.")
     if "poly_order1" in results["saes"]:
-        gains = [r.metric for r in rows if r.winner("poly_order1", "poly") == "poly"]
-        other = [r.metric for r in rows if r.winner("poly_order1", "poly") == "poly_order1"]
-        ties = [r.metric for r in rows if r.winner("poly_order1", "poly") == "tie"]
-        lines += [
-            "",
-            "## What the polynomial terms add (PolySAE vs its order-1 ablation)",
-            "",
-            "- better with the polynomial terms: " + (", ".join(gains) or "none"),
-            "- better without them: " + (", ".join(other) or "none"),
-            "- tied: " + (", ".join(ties) or "none"),
-        ]
+        lines += _ablation_lines(rows)
     lines += [
         "",
         "## Interactions and co-occurrence",

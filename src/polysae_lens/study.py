@@ -32,6 +32,13 @@ Metrics (per SAE unless noted):
   fire; negatives: exactly one fires), the paper's k-sparse probe F1 and the
   mean Wasserstein-1 between class-conditional latent distributions (raw and
   standardized), averaged over tasks.
+
+``comparisons`` (see :func:`comparisons`): for PolySAE against each other SAE and
+each metric both have, a paired bootstrap interval
+(:func:`polysae_lens.noise.paired_bootstrap`) of ``PolySAE - other`` over the
+metric's units: held-out samples (MSE, explained variance, dead latents), atoms
+(MCC, with the Hungarian matching held fixed), planted pairs (composition as a
+latent) or composition tasks (probing). Evaluation noise only, not seed noise.
 """
 
 from __future__ import annotations
@@ -42,13 +49,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.synthetic import eval_sae_on_synthetic_data, train_toy_sae
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from polysae_lens import analysis
+from polysae_lens import analysis, noise
 from polysae_lens.config import PolyTopKTrainingSAEConfig
 from polysae_lens.evals.probing import probe_f1
 from polysae_lens.evals.wasserstein import wasserstein_stats
@@ -97,6 +106,8 @@ class StudyConfig:
     """Latents per probe (the paper's k)."""
     seed: int = 0
     """Seed of SAE initialisation, training data and evaluation samples."""
+    n_boot: int = 1000
+    """Resamples of each paired bootstrap in ``comparisons``."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= self.d_sae:
@@ -115,6 +126,8 @@ class StudyConfig:
             raise ValueError(f"poly_order must be 1, 2 or 3, got {self.poly_order}")
         if min(self.probe_ks, default=0) < 1:
             raise ValueError(f"probe_ks must be positive integers, got {self.probe_ks}")
+        if self.n_boot < 1:
+            raise ValueError(f"n_boot must be a positive number of resamples, got {self.n_boot}")
 
     @classmethod
     def quick(cls, seed: int = 0) -> StudyConfig:
@@ -296,29 +309,113 @@ def composition_task(gt: GroundTruth, pair: int, n_per_class: int) -> tuple[Tens
 
 
 @torch.no_grad()
-def probing(
+def probing_per_task(
     saes: dict[str, TrainingSAE[Any]], gt: GroundTruth, cfg: StudyConfig
-) -> dict[str, dict[str, float]]:
-    """Probe F1 at each k and mean W1 per SAE, averaged over composition tasks."""
-    sums: dict[str, dict[str, float]] = {name: {} for name in saes}
+) -> dict[str, dict[str, list[float]]]:
+    """Probe F1 at each k and mean W1 per SAE, one value per composition task."""
+    per_task: dict[str, dict[str, list[float]]] = {name: {} for name in saes}
     for task in range(cfg.probe_tasks):
         x_tr, y_tr = composition_task(gt, task, cfg.probe_train_per_class)
         x_te, y_te = composition_task(gt, task, cfg.probe_test_per_class)
         for name, sae in saes.items():
             z_tr, z_te = sae.encode(x_tr), sae.encode(x_te)
-            row = sums[name]
+            row = per_task[name]
             for k in cfg.probe_ks:
                 res = probe_f1(z_tr, y_tr, z_te, y_te, k, seed=cfg.seed)
-                row[f"f1_k{k}"] = row.get(f"f1_k{k}", 0.0) + res.f1
+                row.setdefault(f"f1_k{k}", []).append(res.f1)
             w = wasserstein_stats(z_tr, y_tr)
-            row["wasserstein"] = row.get("wasserstein", 0.0) + float(w.distance.mean())
-            row["wasserstein_standardized"] = row.get("wasserstein_standardized", 0.0) + float(
-                w.standardized.mean()
-            )
+            row.setdefault("wasserstein", []).append(float(w.distance.mean()))
+            row.setdefault("wasserstein_standardized", []).append(float(w.standardized.mean()))
+    return per_task
+
+
+def probing(
+    saes: dict[str, TrainingSAE[Any]], gt: GroundTruth, cfg: StudyConfig
+) -> dict[str, dict[str, float]]:
+    """Probe F1 at each k and mean W1 per SAE, averaged over composition tasks."""
+    return _average_tasks(probing_per_task(saes, gt, cfg))
+
+
+def _average_tasks(per_task: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
     return {
-        name: {key: value / cfg.probe_tasks for key, value in row.items()}
-        for name, row in sums.items()
+        name: {key: sum(values) / len(values) for key, values in row.items()}
+        for name, row in per_task.items()
     }
+
+
+# ---- noise -------------------------------------------------------------------------
+
+RARE_FIRINGS = 30
+"""Latents that fire on more held-out samples than this are taken to stay alive in
+every bootstrap resample (the chance that one does not is below e^-30)."""
+
+
+@torch.no_grad()
+def noise_units(sae: TrainingSAE[Any], gt: GroundTruth, x_BD: Tensor) -> dict[str, Any]:
+    """Per-unit values of the metrics :func:`comparisons` bootstraps (numpy arrays)."""
+    z_BF = sae.encode(x_BD)
+    x_hat = sae.decode(z_BF)
+    err_B = (x_BD - x_hat).pow(2).sum(-1)
+    total_B = (x_BD - x_BD.mean(0)).pow(2).sum(-1)
+    fires_BF = z_BF != 0
+    rare_F = fires_BF.sum(0) <= RARE_FIRINGS
+    cos_NF = best_cosines(gt.atom_directions_ND, sae.W_dec.detach())
+    rows, cols = linear_sum_assignment((1 - cos_NF).numpy())
+    live_F = fires_BF.any(0)
+    _, comp_cos = best_match(
+        sae.W_dec.detach()[live_F], gt.pairs.direction_PD[gt.pairs.interacting]
+    )
+    return {
+        "mse": err_B.double().numpy(),
+        "explained_variance": torch.stack([err_B, total_B], 1).double().numpy(),
+        "dead_latents": fires_BF[:, rare_F].double().numpy(),
+        "mcc": cos_NF[rows, cols].double().numpy(),
+        "composite_latent_cosine": comp_cos.double().numpy(),
+    }
+
+
+def best_cosines(atoms_ND: Tensor, rows_FD: Tensor) -> Tensor:
+    """|cosine| of every atom with every decoder row, [N, F]."""
+    a = atoms_ND / atoms_ND.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    r = rows_FD / rows_FD.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (a @ r.T).abs()
+
+
+UNIT_STATISTICS: dict[str, noise.Statistic] = {
+    "explained_variance": noise.explained_variance_statistic,
+    "dead_latents": noise.dead_count_statistic,
+}
+
+
+def comparisons(
+    units: dict[str, dict[str, Any]], n_boot: int, seed: int, target: str = "poly"
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Paired bootstrap intervals of ``target - other`` for every other SAE and every
+    metric in both SAEs' ``units``; keyed ``other -> metric path -> Interval dict``
+    (metric paths as in the results, ``probing.f1_k1`` for nested ones)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for other, other_units in units.items():
+        if other == target:
+            continue
+        out[other] = {}
+        for key, values in units[target].items():
+            if key not in other_units:
+                continue
+            statistic = UNIT_STATISTICS.get(key, noise.weighted_mean)
+            a, b = values, other_units[key]
+            if key == "dead_latents":  # different rare latents: pad to one matrix each
+                width = max(a.shape[1], b.shape[1])
+                a = _pad_columns(a, width)
+                b = _pad_columns(b, width)
+            interval = noise.paired_bootstrap(a, b, n_boot, seed, statistic=statistic)
+            out[other][key] = interval._asdict()
+    return out
+
+
+def _pad_columns(values: Any, width: int) -> Any:
+    # Padding columns fire everywhere, so they never count as dead.
+    pad = np.ones((values.shape[0], width - values.shape[1]))
+    return np.concatenate([values, pad], axis=1)
 
 
 # ---- the study -------------------------------------------------------------------
@@ -426,16 +523,25 @@ def run_study(cfg: StudyConfig | None = None) -> dict[str, Any]:
         "curves": {},
         "runtime_seconds": {},
     }
+    units: dict[str, dict[str, Any]] = {}
     for name, sae in saes.items():
         logger.info("training %s (%d samples)", name, cfg.training_samples)
         t0 = time.perf_counter()
         results["curves"][name] = train_sae(sae, gt, cfg, name, curve_x)
         results["runtime_seconds"][f"train_{name}"] = time.perf_counter() - t0
         results["saes"][name] = evaluate_sae(sae, gt, cfg, x_eval)
+        units[name] = noise_units(sae, gt, x_eval)
     logger.info("probing %d composition tasks", cfg.probe_tasks)
     torch.manual_seed(cfg.seed + 4)
-    for name, row in probing(saes, gt, cfg).items():
+    per_task = probing_per_task(saes, gt, cfg)
+    for name, row in _average_tasks(per_task).items():
         results["saes"][name]["probing"] = row
+        for key, values in per_task[name].items():
+            units[name][f"probing.{key}"] = np.asarray(values, dtype=np.float64)
+    logger.info("bootstrapping the comparisons (%d resamples each)", cfg.n_boot)
+    t0 = time.perf_counter()
+    results["comparisons"] = comparisons(units, cfg.n_boot, cfg.seed)
+    results["runtime_seconds"]["bootstrap"] = time.perf_counter() - t0
     results["runtime_seconds"]["total"] = time.perf_counter() - start
     return results
 
