@@ -12,6 +12,10 @@ statistics, BatchTopK threshold and activation-normalisation estimates over
 all ranks), :mod:`.trainer` (the SAETrainer seam) and :mod:`.runner` (the
 LanguageModelSAETrainingRunner seam and :func:`train_distributed`).
 
+Latent sharding of a TopK PolySAE (each rank holds a slice of the latents;
+widths that do not fit one device) is in :mod:`.sharded`:
+:func:`shard_poly_sae`, :func:`sharded_train_step`, :func:`gather_poly_sae`.
+
 Names are imported on first use, so importing this package stays cheap.
 """
 
@@ -29,6 +33,13 @@ if TYPE_CHECKING:
         launched_with_torchrun,
     )
     from polysae_lens.distributed.runner import DistributedTrainingRunner, train_distributed
+    from polysae_lens.distributed.sharded import (
+        ShardedPolySAE,
+        gather_poly_sae,
+        shard_poly_sae,
+        sharded_adam,
+        sharded_train_step,
+    )
     from polysae_lens.distributed.trainer import DistributedSAETrainer
 
 _EXPORTS = {
@@ -41,6 +52,11 @@ _EXPORTS = {
     "DistributedSAETrainer": "trainer",
     "DistributedTrainingRunner": "runner",
     "train_distributed": "runner",
+    "ShardedPolySAE": "sharded",
+    "gather_poly_sae": "sharded",
+    "shard_poly_sae": "sharded",
+    "sharded_adam": "sharded",
+    "sharded_train_step": "sharded",
 }
 
 __all__ = [
@@ -48,10 +64,15 @@ __all__ = [
     "DistributedContext",
     "DistributedSAETrainer",
     "DistributedTrainingRunner",
+    "ShardedPolySAE",
+    "gather_poly_sae",
     "init_process_group",
     "launched_with_torchrun",
     "local_batch_size",
     "shard_dataset",
+    "shard_poly_sae",
+    "sharded_adam",
+    "sharded_train_step",
     "train_distributed",
 ]
 

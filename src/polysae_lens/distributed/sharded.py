@@ -1,0 +1,482 @@
+"""Latent-sharded PolySAE (TopK sparsifier only) for widths that do not fit one device.
+
+Each of N ranks holds a contiguous slice of the latents: its columns of
+``W_enc`` and ``b_enc`` and its rows of ``U``; ``b_dec``, ``C1``, ``C2``,
+``C3`` and the lambdas are replicated. One step on every rank, same global
+batch everywhere:
+
+- encode: each rank computes its slice's pre-activations [B, d_sae / N] and its
+  per-row top k; the global top k is the top k of the all-gathered candidates
+  (N * k values and global indices per row: every global top-k entry is in its
+  own rank's top k);
+- decode: each rank projects its active rows of U ([B, R1]); one all-reduce
+  (sum) gives ``a = z @ U`` everywhere, and the polynomial runs identically on
+  every rank;
+- retraction: the Gram matrix ``U^T U`` (R1 x R1) is the sum of the ranks'
+  Gram matrices, so one all-reduce, one Cholesky (identical on every rank) and
+  each rank multiplies its rows by the same triangular factor (CholeskyQR, a
+  second pass when :func:`polysae_lens.stiefel._needs_second_pass` says so).
+
+Gradients are the unsharded model's: the all-reduce of ``a`` is differentiated
+as a sum over ranks of one replicated loss (backward: identity), and the
+encoder's input is differentiated as a copy onto every rank (backward: sum), see
+:func:`reduce_from_shards` and :func:`copy_to_shards`.
+
+Supported: TopK PolySAE (architecture ``"poly"``), any order and ranks, MSE
+loss, Adam with C1's step scale, retraction every step. Not supported (refused
+by :func:`shard_poly_sae` with the reason): BatchTopK/Matryoshka/JumpReLU/gated
+sparsifiers, the gauge step, ``stiefel_every_n_steps != 1``, moment projection,
+AuxK (the step's loss is MSE only). Not built: SAETrainer/runner integration
+and a 2-D (data x latent) DeviceMesh.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from polysae_lens.polynomial import PolyDecoderWeights, terms_from_projection
+from polysae_lens.sparse import SparseCode, code_from_positions, gather_preacts, project_sparse
+from polysae_lens.stiefel import _needs_second_pass, cholesky_qr_pass_, symmetric_gram
+
+# ---- layout ------------------------------------------------------------------
+
+
+class ShardBounds(NamedTuple):
+    """The contiguous latent slice ``[start, stop)`` one rank holds."""
+
+    start: int
+    """First global latent index of the slice."""
+    stop: int
+    """One past the last global latent index of the slice."""
+    d_sae: int
+    """Number of latents of the whole (unsharded) SAE."""
+
+    @property
+    def width(self) -> int:
+        """Latents on this rank (``stop - start``)."""
+        return self.stop - self.start
+
+
+def shard_bounds(d_sae: int, world_size: int, rank: int, k: int = 1) -> ShardBounds:
+    """Rank ``rank``'s slice of ``d_sae`` latents split over ``world_size`` ranks.
+
+    Uneven splits are supported: the first ``d_sae % world_size`` ranks hold one
+    latent more. Every slice must hold at least ``k`` latents (each rank offers
+    ``k`` candidates per row to the global top k).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is not in [0, world_size={world_size}).")
+    base, extra = divmod(d_sae, world_size)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (1 if rank < extra else 0)
+    if base < k:
+        raise ValueError(
+            f"d_sae={d_sae} over world_size={world_size} ranks leaves {base} latents on "
+            f"some rank, fewer than k={k}: use fewer ranks or a wider SAE "
+            f"(at least k * world_size = {k * world_size} latents)."
+        )
+    return ShardBounds(start, stop, d_sae)
+
+
+# ---- autograd-aware collectives ----------------------------------------------
+#
+# Every rank computes the same replicated loss L. torch.distributed.nn's
+# all_reduce would be wrong here: its backward all-reduces the gradient, i.e.
+# it differentiates the *sum of the N ranks' losses* (N x the gradient). These
+# two are Megatron's pair: sum forward / identity backward, and its transpose.
+
+
+class _ReduceFromShards(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, partial: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        total = partial.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        # dL/d partial_r = dL/d total, already identical on every rank
+        return grad, None
+
+
+class _CopyToShards(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, replicated: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        return replicated.view_as(replicated)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        # each rank's copy feeds only its own latents: the full gradient is the sum
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total, None
+
+
+def reduce_from_shards(partial: Tensor, group: Any = None) -> Tensor:
+    """Sum of ``partial`` over the ranks; backward passes the (replicated)
+    gradient through unchanged."""
+    return _ReduceFromShards.apply(partial, group)  # type: ignore[no-any-return]
+
+
+def copy_to_shards(replicated: Tensor, group: Any = None) -> Tensor:
+    """``replicated`` itself; backward sums the ranks' gradients, so a
+    replicated tensor that feeds rank-local work gets its full gradient."""
+    return _CopyToShards.apply(replicated, group)  # type: ignore[no-any-return]
+
+
+# ---- encode / decode ---------------------------------------------------------
+
+
+class GlobalTopK(NamedTuple):
+    """The global TopK selection, seen from one rank."""
+
+    cols_BK: Tensor
+    """Global latent indices of each row's k selected latents, sorted [B, k]
+    (identical on every rank)."""
+    rows_N: Tensor
+    """Row of each selected latent that lies on this rank (row-major)."""
+    local_cols_N: Tensor
+    """Its index within this rank's slice."""
+
+
+def select_global_topk(
+    hidden_pre_BL: Tensor, k: int, bounds: ShardBounds, group: Any = None
+) -> GlobalTopK:
+    """Each row's k largest pre-activations over all ranks' slices.
+
+    ``hidden_pre_BL``: this rank's pre-activations [B, width] (no gradient
+    needed). Ties between equal values may pick different latents than
+    ``torch.topk`` over the unsharded row.
+    """
+    local = hidden_pre_BL.detach().topk(k, dim=-1, sorted=False)
+    world_size = dist.get_world_size(group)
+    vals = [torch.empty_like(local.values) for _ in range(world_size)]
+    cols = [torch.empty_like(local.indices) for _ in range(world_size)]
+    dist.all_gather(vals, local.values.contiguous(), group=group)
+    dist.all_gather(cols, (local.indices + bounds.start).contiguous(), group=group)
+    vals_BC, cols_BC = torch.cat(vals, dim=-1), torch.cat(cols, dim=-1)
+    picks_BK = vals_BC.topk(k, dim=-1, sorted=False).indices
+    cols_BK = cols_BC.gather(1, picks_BK).sort(dim=-1).values
+    mine_BK = (cols_BK >= bounds.start) & (cols_BK < bounds.stop)
+    rows_BK = torch.arange(cols_BK.shape[0], device=cols_BK.device)[:, None].expand_as(cols_BK)
+    # boolean indexing keeps row-major order: the local code is sorted by row, then latent
+    return GlobalTopK(cols_BK, rows_BK[mine_BK], cols_BK[mine_BK] - bounds.start)
+
+
+class ShardedCode(NamedTuple):
+    """This rank's part of the code and the global selection."""
+
+    code: SparseCode
+    """This rank's active latents (local indices), values differentiable in
+    W_enc, b_enc and (through :func:`copy_to_shards`) the encoder's input."""
+    selection: GlobalTopK
+    """The global TopK selection."""
+
+
+def sharded_encode(
+    sae_in_BD: Tensor,
+    W_enc_DL: Tensor,
+    b_enc_L: Tensor,
+    k: int,
+    bounds: ShardBounds,
+    input_shift_D: Tensor | None = None,
+    group: Any = None,
+) -> ShardedCode:
+    """TopK code of this rank's latents (ReLU of the selected pre-activations).
+
+    ``sae_in_BD`` and ``input_shift_D`` as :func:`polysae_lens.sparse.gather_preacts`
+    takes them (both replicated: pass them through :func:`copy_to_shards` if they
+    need a gradient).
+    """
+    with torch.no_grad():
+        hidden_pre_BL = sae_in_BD @ W_enc_DL + b_enc_L
+    selection = select_global_topk(hidden_pre_BL, k, bounds, group)
+    code = code_from_positions(
+        selection.rows_N, selection.local_cols_N, hidden_pre_BL.new_empty(0), hidden_pre_BL.shape
+    ).with_latent_major()
+    pre_N = gather_preacts(sae_in_BD, W_enc_DL, b_enc_L, hidden_pre_BL, code, input_shift_D)
+    return ShardedCode(code.with_vals(pre_N.relu()), selection)
+
+
+def sharded_project(code: SparseCode, U_LR: Tensor, group: Any = None) -> Tensor:
+    """``a = z @ U`` [B, R1] on every rank, from each rank's active rows of U."""
+    return reduce_from_shards(project_sparse(code, U_LR), group)
+
+
+# ---- retraction --------------------------------------------------------------
+
+
+@torch.no_grad()
+def sharded_cholesky_qr_(U_LR: Tensor, group: Any = None) -> int:
+    """Retract the row-sharded U in place: afterwards the union of the ranks'
+    rows has orthonormal columns (U's Q factor, diag(R) > 0). Returns the
+    number of CholeskyQR passes (1 or 2, the same on every rank).
+
+    Computed in float32 like :func:`polysae_lens.stiefel.cholesky_qr_retract_`.
+    All ranks see the same all-reduced Gram matrix, so they take the same
+    Cholesky factor and the same pass decision.
+    """
+    in_place = U_LR.dtype == torch.float32 and U_LR.is_contiguous()
+    Q_LR = U_LR if in_place else U_LR.to(torch.float32, memory_format=torch.contiguous_format)
+    gram_RR = _global_gram(Q_LR, group)
+    eye_RR = torch.eye(gram_RR.shape[0], dtype=gram_RR.dtype, device=gram_RR.device)
+    passes = 2 if _needs_second_pass(gram_RR - eye_RR) else 1
+    for index in range(passes):
+        if index > 0:
+            gram_RR = _global_gram(Q_LR, group)
+        if not cholesky_qr_pass_(Q_LR, gram_RR):
+            # Householder QR needs the whole of U: no sharded fallback
+            raise RuntimeError(
+                "Sharded Cholesky-QR retraction failed: U's Gram matrix is not numerically "
+                "positive definite (U far from full rank, e.g. after a diverging step). "
+                "Lower the learning rate, or gather the SAE (gather_poly_sae) and retract "
+                "it with Householder QR."
+            )
+    if not in_place:
+        U_LR.copy_(Q_LR)
+    return passes
+
+
+def _global_gram(Q_LR: Tensor, group: Any) -> Tensor:
+    gram_RR = symmetric_gram(Q_LR)
+    dist.all_reduce(gram_RR, op=dist.ReduceOp.SUM, group=group)
+    return gram_RR
+
+
+# ---- the module --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardedPolyConfig:
+    """What a latent-sharded TopK PolySAE needs besides its weights."""
+
+    d_in: int
+    """Model dimension."""
+    d_sae: int
+    """Latents of the whole SAE (all ranks)."""
+    k: int
+    """Active latents per row (global TopK)."""
+    ranks: tuple[int, ...]
+    """(R1, R2, R3) truncated to the order."""
+    poly_order: int
+    """Polynomial order (1, 2 or 3)."""
+    apply_b_dec_to_input: bool
+    """Encode ``x - b_dec`` (SAELens's option) instead of ``x``."""
+    c1_step_scale: float
+    """Factor on C1's optimizer step (the resolved ``c1_lr_scale``)."""
+
+
+class ShardedForward(NamedTuple):
+    """The output of :meth:`ShardedPolySAE.forward`."""
+
+    sae_out_BD: Tensor
+    """Reconstruction (identical on every rank)."""
+    a_BR: Tensor
+    """The projection ``z @ U`` (identical on every rank)."""
+    sharded: ShardedCode
+    """This rank's code and the global selection."""
+
+
+class ShardedPolySAE(nn.Module):
+    """One rank's shard of a TopK PolySAE: ``W_enc`` [d_in, width], ``b_enc``
+    [width], ``U`` [width, R1] for its latents; ``b_dec``, ``C1``, ``C2``,
+    ``C3``, ``lambda2``, ``lambda3`` replicated. Build with :func:`shard_poly_sae`."""
+
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
+    U: nn.Parameter
+    b_dec: nn.Parameter
+    C1: nn.Parameter
+    C2: nn.Parameter
+    C3: nn.Parameter
+    lambda2: nn.Parameter
+    lambda3: nn.Parameter
+
+    def __init__(
+        self,
+        cfg: ShardedPolyConfig,
+        bounds: ShardBounds,
+        params: dict[str, Tensor],
+        group: Any = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.bounds = bounds
+        self.group = group
+        for name, value in params.items():
+            setattr(self, name, nn.Parameter(value))
+
+    @property
+    def decoder_weights(self) -> PolyDecoderWeights:
+        """The replicated polynomial with this rank's rows of U."""
+        order = self.cfg.poly_order
+        return PolyDecoderWeights(
+            U_FR=self.U,
+            C1_RD=self.C1,
+            C2_SD=self.C2 if order >= 2 else None,
+            C3_TD=self.C3 if order >= 3 else None,
+            lambda2=self.lambda2 if order >= 2 else None,
+            lambda3=self.lambda3 if order >= 3 else None,
+        )
+
+    def forward(self, x_BD: Tensor) -> ShardedForward:  # type: ignore[override]
+        """Encode and decode the global batch ``x_BD`` (the same on every rank)."""
+        group = self.group
+        shift_D = None
+        if self.cfg.apply_b_dec_to_input:
+            if x_BD.requires_grad:
+                sae_in_BD = copy_to_shards(x_BD - self.b_dec, group)
+            else:
+                # the [D] shift instead of a [B, D] input gradient (as PolySAE does)
+                sae_in_BD = (x_BD - self.b_dec).detach()
+                shift_D = copy_to_shards(self.b_dec, group)
+        else:
+            sae_in_BD = copy_to_shards(x_BD, group) if x_BD.requires_grad else x_BD
+        sharded = sharded_encode(
+            sae_in_BD, self.W_enc, self.b_enc, self.cfg.k, self.bounds, shift_D, group
+        )
+        a_BR = sharded_project(sharded.code, self.U, group)
+        # from here on every rank computes the same thing from the same a: the
+        # replicated parameters get identical (and complete) gradients with no
+        # all-reduce of their own (b_dec's encoder part is summed by copy_to_shards)
+        sae_out_BD = terms_from_projection(a_BR, self.decoder_weights).total() + self.b_dec
+        return ShardedForward(sae_out_BD, a_BR, sharded)
+
+
+REPLICATED = ("b_dec", "C1", "C2", "C3", "lambda2", "lambda3")
+"""Parameters every rank holds whole."""
+
+
+def shard_poly_sae(sae: nn.Module, rank: int, world_size: int, group: Any = None) -> ShardedPolySAE:
+    """Rank ``rank``'s shard of a TopK PolySAE (copies; ``sae`` is untouched).
+
+    Raises ValueError for sparsifiers and options the sharded model does not
+    implement, naming the option and the fix.
+    """
+    from polysae_lens.sae import PolyTopKSAE, PolyTopKTrainingSAE
+
+    if not isinstance(sae, PolyTopKSAE | PolyTopKTrainingSAE):
+        raise ValueError(
+            f"Latent sharding supports the TopK PolySAE (architecture 'poly') only, not "
+            f"{type(sae).__name__}: BatchTopK's batch-wide threshold and JumpReLU/gated "
+            "sparsifiers are not implemented sharded; train it unsharded or data-parallel."
+        )
+    cfg = sae.cfg
+    unsupported = {
+        "gauge_lr_scale": (getattr(cfg, "gauge_lr_scale", 0.0), 0.0),
+        "stiefel_every_n_steps": (getattr(cfg, "stiefel_every_n_steps", 1), 1),
+        "stiefel_project_moments": (getattr(cfg, "stiefel_project_moments", False), False),
+        "rescale_acts_by_decoder_norm": (
+            getattr(cfg, "rescale_acts_by_decoder_norm", False),
+            False,
+        ),
+        "normalize_activations": (getattr(cfg, "normalize_activations", "none"), "none"),
+    }
+    for name, (value, default) in unsupported.items():
+        if value != default:
+            raise ValueError(
+                f"{name}={value!r} is not supported by the latent-sharded PolySAE; "
+                f"set {name}={default!r} (or train unsharded)."
+            )
+    bounds = shard_bounds(cfg.d_sae, world_size, rank, cfg.k)
+    from polysae_lens.stiefel import c1_step_scale
+
+    sharded_cfg = ShardedPolyConfig(
+        d_in=cfg.d_in,
+        d_sae=cfg.d_sae,
+        k=int(cfg.k),
+        ranks=tuple(cfg.ranks[: cfg.poly_order]),
+        poly_order=cfg.poly_order,
+        apply_b_dec_to_input=bool(cfg.apply_b_dec_to_input),
+        c1_step_scale=c1_step_scale(sae),
+    )
+    state = sae.state_dict()
+    params = {
+        "W_enc": state["W_enc"][:, bounds.start : bounds.stop],
+        "b_enc": state["b_enc"][bounds.start : bounds.stop],
+        "U": state["U"][bounds.start : bounds.stop],
+    }
+    params.update({name: state[name] for name in REPLICATED if name in state})
+    params = {name: value.detach().clone().contiguous() for name, value in params.items()}
+    return ShardedPolySAE(sharded_cfg, bounds, params, group)
+
+
+def gather_poly_sae(shard: ShardedPolySAE) -> dict[str, Tensor] | None:
+    """The full PolySAE state dict on rank 0 (``None`` on other ranks), in the
+    ordinary format (``sae.load_state_dict`` / ``save_model``). Collective: every
+    rank must call it."""
+    group = shard.group
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    max_width = math.ceil(shard.cfg.d_sae / world_size)
+    widths = [shard_bounds(shard.cfg.d_sae, world_size, r).width for r in range(world_size)]
+    # gather wants equal sizes: pad latents to the widest slice, trim on rank 0
+    pieces: dict[str, Tensor] = {
+        "W_enc": shard.W_enc.detach().T,
+        "b_enc": shard.b_enc.detach()[:, None],
+        "U": shard.U.detach(),
+    }
+    full: dict[str, Tensor] = {}
+    for name, rows in pieces.items():
+        padded = rows.new_zeros(max_width, rows.shape[1])
+        padded[: rows.shape[0]] = rows
+        received = [torch.empty_like(padded) for _ in range(world_size)] if rank == 0 else None
+        dst = dist.get_global_rank(group, 0) if group is not None else 0
+        dist.gather(padded, received, dst=dst, group=group)
+        if received is not None:
+            full[name] = torch.cat([r[:w] for r, w in zip(received, widths, strict=True)])
+    if rank != 0:
+        return None
+    state = {
+        "W_enc": full["W_enc"].T.contiguous(),
+        "b_enc": full["b_enc"][:, 0].contiguous(),
+        "U": full["U"],
+    }
+    for name in REPLICATED:
+        if hasattr(shard, name):
+            state[name] = getattr(shard, name).detach().clone()
+    return state
+
+
+# ---- training ----------------------------------------------------------------
+
+
+class ShardedStep(NamedTuple):
+    """What :func:`sharded_train_step` reports."""
+
+    loss: float
+    """The step's MSE loss (sum over d_in, mean over rows), identical on every rank."""
+    retraction_passes: int
+    """CholeskyQR passes the retraction took (1 or 2)."""
+
+
+def sharded_adam(shard: ShardedPolySAE, lr: float, **adam_kwargs: Any) -> torch.optim.Adam:
+    """Adam over the shard's parameters, C1 at ``lr * c1_step_scale`` (for Adam
+    the same as PolySAE's scaled C1 step)."""
+    c1 = [shard.C1]
+    rest = [p for name, p in shard.named_parameters() if name != "C1"]
+    groups: list[dict[str, Any]] = [
+        {"params": rest},
+        {"params": c1, "lr": lr * shard.cfg.c1_step_scale},
+    ]
+    return torch.optim.Adam(groups, lr=lr, **adam_kwargs)
+
+
+def sharded_train_step(
+    shard: ShardedPolySAE, optimizer: torch.optim.Optimizer, x_BD: Tensor
+) -> ShardedStep:
+    """One step on the global batch ``x_BD`` (identical on every rank):
+    forward, MSE loss, backward, optimizer step, sharded retraction."""
+    optimizer.zero_grad(set_to_none=True)
+    output = shard(x_BD)
+    loss = (output.sae_out_BD - x_BD).pow(2).sum(-1).mean()
+    loss.backward()
+    optimizer.step()
+    passes = sharded_cholesky_qr_(shard.U.data, shard.group)
+    return ShardedStep(float(loss.detach()), passes)

@@ -1,0 +1,160 @@
+"""Latent-sharded PolySAE (polysae_lens.distributed.sharded) with 2 gloo ranks on CPU.
+
+One spawn runs every scenario (:mod:`tests.sharded_workers`); the reference is a
+plain single-process PolySAE built from the same weights (dense autograd, the
+automatic Stiefel hooks), sharing no sharding code.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from polysae_lens.distributed.sharded import shard_bounds
+
+from . import sharded_workers as workers
+
+SPAWN_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out_dir = tmp_path_factory.mktemp("sharded")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=workers.rank_main, args=(rank, str(out_dir)))
+        for rank in range(workers.WORLD_SIZE)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(SPAWN_TIMEOUT_S)
+    alive = [p for p in procs if p.is_alive()]
+    for proc in alive:
+        proc.terminate()
+        proc.join()
+    assert not alive, f"{len(alive)} rank(s) still running after {SPAWN_TIMEOUT_S} s"
+    assert [p.exitcode for p in procs] == [0, 0]
+    return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(workers.WORLD_SIZE)]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+SHARDED = {"W_enc": 1, "b_enc": 0, "U": 0}
+"""Sharded parameter -> its latent dimension."""
+
+
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_outputs_selection_and_gradients_equal_unsharded(
+    runs: list[dict[str, Any]], x_grad: bool
+) -> None:
+    sae = workers.make_sae("float64")
+    x = workers.batch(0, torch.float64).requires_grad_(x_grad)
+    out = sae(x)
+    (out - x).pow(2).sum(-1).mean().backward()
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    ref_cols = pre.topk(workers.K, dim=-1).indices.sort(dim=-1).values
+
+    widths = []
+    for run in runs:
+        got = run[f"grads_{x_grad}"]
+        start, stop, _ = got["bounds"]
+        widths.append(stop - start)
+        assert torch.equal(got["cols_BK"], ref_cols)
+        assert torch.allclose(got["sae_out"], out.detach(), rtol=1e-12, atol=1e-12)
+        for name, param in sae.named_parameters():
+            ref = param.grad
+            assert ref is not None and ref.abs().max() > 0, name  # not vacuous
+            if name in SHARDED:
+                ref = ref.narrow(SHARDED[name], start, stop - start)
+            assert torch.allclose(got["grads"][name], ref, rtol=1e-10, atol=1e-12), name
+        if x_grad:
+            assert x.grad is not None
+            assert torch.allclose(got["x_grad"], x.grad, rtol=1e-10, atol=1e-12)
+    assert widths == [13, 12]  # the uneven split was exercised
+    # replicated gradients are bitwise identical across ranks
+    for name in ("b_dec", "C1", "C2", "C3", "lambda2", "lambda3"):
+        grads = [run[f"grads_{x_grad}"]["grads"][name] for run in runs]
+        assert torch.equal(grads[0], grads[1]), name
+
+
+def test_training_run_equals_unsharded(runs: list[dict[str, Any]]) -> None:
+    sae = workers.make_sae("float32")
+    initial = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    optimizer = torch.optim.Adam(sae.parameters(), lr=workers.LR)  # hooks: C1 scale, retraction
+    losses = []
+    for step in range(workers.TRAIN_STEPS):
+        x = workers.batch(step, torch.float32)
+        optimizer.zero_grad()
+        loss = (sae(x) - x).pow(2).sum(-1).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    state = runs[0]["train"]["state"]
+    assert runs[1]["train"]["state"] is None
+    workers.make_sae("float32").load_state_dict(state)  # the ordinary format, every key
+    for name, param in sae.named_parameters():
+        assert relative_error(state[name], param.detach()) < 1e-5, name
+        assert relative_error(initial[name], param.detach()) > 1e-3, name  # it trained
+    assert runs[0]["train"]["losses"] == pytest.approx(losses, rel=1e-5)
+    assert runs[0]["train"]["losses"] == runs[1]["train"]["losses"]
+    for name, value in runs[0]["train"]["replicated"].items():
+        assert torch.equal(value, runs[1]["train"]["replicated"][name]), name
+
+
+def test_U_orthonormal_across_the_union_of_the_shards(runs: list[dict[str, Any]]) -> None:
+    U = runs[0]["train"]["state"]["U"]
+    assert U.shape == (workers.D_SAE, workers.RANKS[0])
+    eye = torch.eye(U.shape[1])
+    assert (U.T @ U - eye).abs().max() < 1e-5
+    # each rank's rows alone are not orthonormal: the check needs the union
+    top = U[:13]
+    assert (top.T @ top - eye).abs().max() > 1e-2
+    assert set(runs[0]["train"]["passes"]) <= {1, 2}
+
+
+def test_retraction_far_from_the_manifold_equals_householder_qr(
+    runs: list[dict[str, Any]],
+) -> None:
+    from polysae_lens.stiefel import qr_retract
+
+    U = workers.far_from_orthonormal()
+    assert (U.T @ U - torch.eye(U.shape[1])).abs().max() > 1  # a second pass is needed
+    assert [run["retract"]["passes"] for run in runs] == [2, 2]
+    union = torch.cat([run["retract"]["U_rows"] for run in runs])
+    assert relative_error(union, qr_retract(U)) < 1e-5
+
+
+def test_shard_bounds_split_unevenly_and_refuse_too_narrow_shards() -> None:
+    assert [tuple(shard_bounds(10, 3, r)) for r in range(3)] == [
+        (0, 4, 10),
+        (4, 7, 10),
+        (7, 10, 10),
+    ]
+    with pytest.raises(ValueError, match="fewer than k=3"):
+        shard_bounds(5, 2, 0, k=3)
+    with pytest.raises(ValueError, match="rank=2"):
+        shard_bounds(10, 2, 2)
+
+
+def test_unsupported_sparsifier_is_refused() -> None:
+    from sae_lens import TrainingSAE
+
+    from polysae_lens.distributed.sharded import shard_poly_sae
+
+    sae = TrainingSAE.from_dict(
+        {"architecture": "poly_batchtopk", "d_in": 8, "d_sae": 16, "k": 2, "poly_ranks": [4, 2, 2]}
+    )
+    with pytest.raises(ValueError, match="TopK PolySAE"):
+        shard_poly_sae(sae, 0, 2)
+    topk = workers.make_sae("float32")
+    topk.cfg.gauge_lr_scale = 1.0
+    with pytest.raises(ValueError, match="gauge_lr_scale"):
+        shard_poly_sae(topk, 0, 2)
