@@ -18,7 +18,7 @@ import logging
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sae_lens import LanguageModelSAETrainingRunner
 from typing_extensions import override
@@ -67,12 +67,19 @@ class CheckpointOnInterruptRunner(LanguageModelSAETrainingRunner):
                 return trainer.fit()
             except _Stop:
                 pass
-        checkpoint = None
-        if self.cfg.checkpoint_path is not None:
-            name = str(trainer.n_training_samples)
-            trainer.save_checkpoint(checkpoint_name=name)
-            checkpoint = Path(self.cfg.checkpoint_path) / name
-        raise TrainingInterrupted(received[0], trainer.n_training_samples, checkpoint)
+        raise_interrupted(trainer, self.cfg.checkpoint_path, received[0])
+
+
+def raise_interrupted(trainer: Any, checkpoint_path: str | Path | None, signum: int) -> NoReturn:
+    """After a stopped ``trainer.fit()``: save a checkpoint named after the
+    training-sample count under ``checkpoint_path`` (when set) and raise
+    :class:`TrainingInterrupted`."""
+    checkpoint = None
+    if checkpoint_path is not None:
+        name = str(trainer.n_training_samples)
+        trainer.save_checkpoint(checkpoint_name=name)
+        checkpoint = Path(checkpoint_path) / name
+    raise TrainingInterrupted(signum, trainer.n_training_samples, checkpoint)
 
 
 class _Stop(Exception):

@@ -250,7 +250,7 @@ class DistributedTrainingRunner(LanguageModelSAETrainingRunner):
         same step, a resumable checkpoint is written (with ``checkpoint_path``)
         and :class:`~polysae_lens.checkpointing.TrainingInterrupted` is raised
         on every rank. A second signal aborts at once."""
-        from polysae_lens.checkpointing import TrainingInterrupted
+        from polysae_lens.checkpointing import raise_interrupted
         from polysae_lens.distributed.trainer import StopRequested
 
         received: list[int] = []
@@ -273,14 +273,9 @@ class DistributedTrainingRunner(LanguageModelSAETrainingRunner):
             return trainer.fit()
         except StopRequested:
             pass
-        checkpoint = None
-        if self.cfg.checkpoint_path is not None:
-            name = str(trainer.n_training_samples)
-            trainer.save_checkpoint(checkpoint_name=name)
-            checkpoint = Path(self.cfg.checkpoint_path) / name
         # a rank that saw no signal itself stops for another rank's
-        raise TrainingInterrupted(
-            received[0] if received else signal.SIGTERM, trainer.n_training_samples, checkpoint
+        raise_interrupted(
+            trainer, self.cfg.checkpoint_path, received[0] if received else signal.SIGTERM
         )
 
     def save_checkpoint(self, checkpoint_path: Path | None) -> None:
