@@ -45,8 +45,9 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -67,6 +68,9 @@ from polysae_lens.inclass import (
     oracle_sae,
     sample_codes,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import timed_batches
 
 # SAETrainer draws a progress bar per run; hidden during this script's runs
 # only (patched around each fit, so importing the module changes nothing).
@@ -228,25 +232,17 @@ def train(
         if metric is not None and (value := metric(sae)) is not None:
             metrics[step] = value
 
-    def data() -> Iterator[Tensor]:
-        step = 0
-        handed_out: float | None = None
-        while True:
-            if handed_out is not None:
-                step_times.append(time.perf_counter() - handed_out)
-            if step in checkpoints:
-                record(step)
-            if probe is not None and probe_every and step % probe_every == 0:
-                trace.append({"step": step, **probe(sae, step)})
-            x = source.sample(batch, gen)
-            step += 1
-            handed_out = time.perf_counter()
-            yield x
+    def before_step(step: int) -> None:
+        if step in checkpoints:
+            record(step)
+        if probe is not None and probe_every and step % probe_every == 0:
+            trace.append({"step": step, **probe(sae, step)})
 
+    data = timed_batches(lambda: source.sample(batch, gen), before_step, step_times)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr
     )
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data())
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data)
     if setup is not None:
         setup(trainer, sae)
     with mock.patch.object(sae_trainer_module, "tqdm", _QUIET_TQDM):

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import inclass as bench
+from _common import scale_steps
 
 from polysae_lens.inclass import InClassConfig, InClassGroundTruth, build_in_class
 from polysae_lens.polynomial import decoder_terms
@@ -109,24 +110,6 @@ def make_probe(truth: InClassGroundTruth, n: int = 4096) -> bench.Probe:
 
 
 # ---- variants: one change each against the package defaults -------------------
-
-
-def scale_steps(optimizer: torch.optim.Optimizer, multipliers: dict[Tensor, float]) -> None:
-    """Per-parameter step multipliers (exact per-parameter lr for Adam); the
-    per-optimizer post hook runs before the package's global retraction hook."""
-    items = [(p, m) for p, m in multipliers.items() if m != 1.0]
-    before: list[Tensor] = []
-
-    def pre(opt: Any, args: Any, kwargs: Any) -> None:
-        before[:] = [p.detach().clone() for p, _ in items]
-
-    @torch.no_grad()
-    def post(opt: Any, args: Any, kwargs: Any) -> None:
-        for (p, m), p0 in zip(items, before, strict=True):
-            p.copy_(p0 + m * (p - p0))
-
-    optimizer.register_step_pre_hook(pre)
-    optimizer.register_step_post_hook(post)
 
 
 @torch.no_grad()

@@ -79,6 +79,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -93,6 +94,9 @@ from tqdm.auto import tqdm
 from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig, orthogonality_error
 from polysae_lens.polynomial import project
 from polysae_lens.stiefel import qr_retract, retract_
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import scale_steps, timed_batches
 
 # SAETrainer draws a progress bar per run; keep the table readable.
 sae_trainer_module.tqdm = functools.partial(tqdm, disable=True)  # type: ignore[attr-defined]
@@ -206,32 +210,6 @@ def true_decoder_init_(sae: PolyTopKTrainingSAE, stream: SyntheticStream) -> Non
     sae.U.copy_(stream.G)
     sae.C1.copy_(stream.R)
     sae.W_enc.copy_(sae.W_dec.T)
-
-
-def scale_steps(optimizer: torch.optim.Optimizer, multipliers: dict[Tensor, float]) -> None:
-    """Multiply the optimizer's update of each parameter by its multiplier.
-
-    A pre-step hook snapshots the parameters and a post-step hook rescales the
-    update; per-optimizer post hooks run before torch's global ones, so this
-    happens before the package's Stiefel retraction. For Adam this is exactly a
-    per-parameter learning rate, and it follows whatever schedule the optimizer's
-    lr follows.
-    """
-    items = [(p, m) for p, m in multipliers.items() if m != 1.0]
-    if not items:
-        return
-    before: list[Tensor] = []
-
-    def pre(opt: Any, args: Any, kwargs: Any) -> None:
-        before[:] = [p.detach().clone() for p, _ in items]
-
-    @torch.no_grad()
-    def post(opt: Any, args: Any, kwargs: Any) -> None:
-        for (p, m), p0 in zip(items, before, strict=True):
-            p.copy_(p0 + m * (p - p0))
-
-    optimizer.register_step_pre_hook(pre)
-    optimizer.register_step_post_hook(post)
 
 
 class GaugedPolyTopKTrainingSAE(PolyTopKTrainingSAE):
@@ -398,23 +376,15 @@ def train(
     result = RunResult(c.name)
     step_times: list[float] = []
 
-    def data() -> Iterator[Tensor]:
-        step = 0
-        handed_out: float | None = None
-        while True:
-            if handed_out is not None:  # time of the trainer's step alone
-                step_times.append(time.perf_counter() - handed_out)
-            if step in checkpoints:
-                result.mse[step], result.ev[step] = evaluate(sae, eval_x)
-            x = stream.sample(batch)
-            step += 1
-            handed_out = time.perf_counter()
-            yield x
+    def before_step(step: int) -> None:
+        if step in checkpoints:
+            result.mse[step], result.ev[step] = evaluate(sae, eval_x)
 
+    data = timed_batches(lambda: stream.sample(batch), before_step, step_times)
     cfg = SAETrainerConfig(
         total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr
     )
-    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=data())
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=data)
     attach(c, trainer, sae, spec)
     trainer.fit()
     result.mse[steps], result.ev[steps] = evaluate(sae, eval_x)
