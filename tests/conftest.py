@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -79,3 +81,12 @@ def activations(n: int = 32, seed: int = 1, dtype: torch.dtype = torch.float32) 
 @pytest.fixture(params=ALL_ARCHS)
 def arch(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture
+def restore_signal_handlers() -> Iterator[None]:
+    """SAELens's runners install SIGINT/SIGTERM handlers and never remove them."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

@@ -19,11 +19,22 @@ import json
 import warnings
 from pathlib import Path
 
+import datasets
+import pytest
 import torch
-from sae_lens import HookedSAETransformer
+from sae_lens import (
+    HookedSAETransformer,
+    LanguageModelSAERunnerConfig,
+    LanguageModelSAETrainingRunner,
+    LoggingConfig,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
+
+from polysae_lens import PolyTopKTrainingSAEConfig
+
+from .conftest import D_SAE
 
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
@@ -225,3 +236,73 @@ def write_text_dataset(directory: str | Path, texts: list[str] | None = None) ->
     rows = texts if texts is not None else TEXTS
     (directory / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
     return directory
+
+
+HOOK = "blocks.0.hook_resid_post"
+"""The hook the tests read and train on (the tiny model's first residual stream)."""
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+}
+"""Environment that keeps the hub, datasets, transformers and wandb offline."""
+
+SMALL_CORPUS_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:The training dataset contains fewer samples:UserWarning"),
+    pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted"),
+    pytest.mark.filterwarnings("ignore:Dataset is not tokenized:UserWarning"),
+]
+"""``pytestmark`` of modules that train on :data:`TEXTS`: expected on a
+40-sentence in-memory corpus, SAELens warns about reusing it."""
+
+RUNNER_BATCH_TOKENS = 32
+"""Training batch of :func:`make_runner`'s runners, in tokens."""
+
+
+def make_runner(
+    runner_class: type[LanguageModelSAETrainingRunner],
+    *,
+    steps: int,
+    log_to_wandb: bool,
+    checkpoint_path: Path | None,
+    log_every: int = 4,
+    eval_every: int = 2,
+    prefetch: bool = False,
+) -> LanguageModelSAETrainingRunner:
+    """A ``runner_class`` training a tiny PolySAE on :data:`TEXTS` through
+    :func:`make_tiny_model` for ``steps`` steps of :data:`RUNNER_BATCH_TOKENS`
+    tokens; nothing is saved unless ``checkpoint_path`` is given."""
+    cfg = LanguageModelSAERunnerConfig(
+        sae=PolyTopKTrainingSAEConfig(d_in=16, d_sae=D_SAE, k=4, poly_ranks=(12, 5, 3)),
+        model_name="tiny-offline",
+        hook_name=HOOK,
+        dataset_path="in-memory",
+        is_dataset_tokenized=False,
+        streaming=False,
+        context_size=16,
+        training_tokens=steps * RUNNER_BATCH_TOKENS,
+        train_batch_size_tokens=RUNNER_BATCH_TOKENS,
+        store_batch_size_prompts=2,
+        n_batches_in_buffer=4,
+        lr=1e-2,
+        lr_end=1e-2,
+        logger=LoggingConfig(
+            log_to_wandb=log_to_wandb,
+            wandb_log_frequency=log_every,
+            eval_every_n_wandb_logs=eval_every,
+        ),
+        n_eval_batches=1,
+        eval_batch_size_prompts=2,
+        prefetch_llm_batches=prefetch,
+        output_path=None,
+        checkpoint_path=None if checkpoint_path is None else str(checkpoint_path),
+        verbose=False,
+    )
+    torch.manual_seed(0)
+    return runner_class(
+        cfg,
+        override_model=make_tiny_model(),
+        override_dataset=datasets.Dataset.from_dict({"text": TEXTS}),
+    )

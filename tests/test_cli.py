@@ -20,22 +20,10 @@ from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 import polysae_lens
 from polysae_lens import PolyTopKSAE, PolyTopKTrainingSAEConfig, cli, orthogonality_error
 
-from .lm_fixtures import TEXTS, make_tiny_model
+from .lm_fixtures import HOOK, OFFLINE_ENV, SMALL_CORPUS_WARNINGS, TEXTS, make_tiny_model
 
-# Expected on a 40-sentence in-memory corpus: SAELens warns about reusing it.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:The training dataset contains fewer samples:UserWarning"),
-    pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted"),
-    pytest.mark.filterwarnings("ignore:Dataset is not tokenized:UserWarning"),
-]
+pytestmark = SMALL_CORPUS_WARNINGS
 
-HOOK = "blocks.0.hook_resid_post"
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "WANDB_MODE": "disabled",
-}
 TINY_SAE = ["--d_in", "16", "--d_sae", "48", "-k", "4"]
 # 40 steps of 32 tokens on the tiny model; nothing is downloaded or logged
 TINY_RUN = [

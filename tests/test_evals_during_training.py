@@ -7,19 +7,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import datasets
 import pytest
 import torch
 import wandb
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from sae_lens import LanguageModelSAETrainingRunner
 from sae_lens.training.sae_trainer import SAETrainer
 
-from polysae_lens import PolyTopKTrainingSAEConfig
 from polysae_lens.checkpointing import CheckpointOnInterruptRunner
 from polysae_lens.evals import (
     ProbingDatasetError,
@@ -31,28 +27,12 @@ from polysae_lens.evals import (
 from polysae_lens.evals.during_training import EVALS_FILENAME
 from polysae_lens.preflight import PreflightError
 
-from .conftest import D_SAE
-from .lm_fixtures import TEXTS, make_tiny_model
+from .lm_fixtures import HOOK, SMALL_CORPUS_WARNINGS, make_runner
 
-HOOK = "blocks.0.hook_resid_post"
 TOPICS = Path(__file__).parent / "data" / "topics.csv"
 LOGGER = "polysae_lens.evals.during_training"
-BATCH_TOKENS = 32
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:The training dataset contains fewer samples:UserWarning"),
-    pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted"),
-    pytest.mark.filterwarnings("ignore:Dataset is not tokenized:UserWarning"),
-]
-
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers() -> Iterator[None]:
-    """SAELens's runner installs SIGINT/SIGTERM handlers and never removes them."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
+pytestmark = [*SMALL_CORPUS_WARNINGS, pytest.mark.usefixtures("restore_signal_handlers")]
 
 
 @pytest.fixture
@@ -85,48 +65,6 @@ def probing_config(*paths: Path) -> ProbingEvalConfig:
         n_test=4,
         context_size=16,
         progress=False,
-    )
-
-
-def make_runner(
-    runner_class: type[LanguageModelSAETrainingRunner],
-    *,
-    steps: int,
-    log_to_wandb: bool,
-    checkpoint_path: Path | None,
-    log_every: int = 4,
-    eval_every: int = 2,
-) -> LanguageModelSAETrainingRunner:
-    cfg = LanguageModelSAERunnerConfig(
-        sae=PolyTopKTrainingSAEConfig(d_in=16, d_sae=D_SAE, k=4, poly_ranks=(12, 5, 3)),
-        model_name="tiny-offline",
-        hook_name=HOOK,
-        dataset_path="in-memory",
-        is_dataset_tokenized=False,
-        streaming=False,
-        context_size=16,
-        training_tokens=steps * BATCH_TOKENS,
-        train_batch_size_tokens=BATCH_TOKENS,
-        store_batch_size_prompts=2,
-        n_batches_in_buffer=4,
-        lr=1e-2,
-        lr_end=1e-2,
-        logger=LoggingConfig(
-            log_to_wandb=log_to_wandb,
-            wandb_log_frequency=log_every,
-            eval_every_n_wandb_logs=eval_every,
-        ),
-        n_eval_batches=1,
-        eval_batch_size_prompts=2,
-        output_path=None,
-        checkpoint_path=None if checkpoint_path is None else str(checkpoint_path),
-        verbose=False,
-    )
-    torch.manual_seed(0)
-    return runner_class(
-        cfg,
-        override_model=make_tiny_model(),
-        override_dataset=datasets.Dataset.from_dict({"text": TEXTS}),
     )
 
 

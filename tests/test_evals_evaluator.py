@@ -4,8 +4,6 @@ short stock ``LanguageModelSAETrainingRunner`` training."""
 from __future__ import annotations
 
 import math
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 import wandb
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from sae_lens import LanguageModelSAETrainingRunner
 from sae_lens.training.activation_scaler import ActivationScaler
 
 import polysae_lens.evals.evaluator as evaluator_module
-from polysae_lens import PolyTopKTrainingSAEConfig
 from polysae_lens.evals import (
     CombinedEvaluator,
     ProbingDataset,
@@ -32,21 +29,16 @@ from polysae_lens.evals import (
     wasserstein_stats,
 )
 
-from .conftest import D_SAE, make_training_sae
-from .lm_fixtures import TEXTS, make_tiny_model
+from .conftest import make_training_sae
+from .lm_fixtures import HOOK, SMALL_CORPUS_WARNINGS, TEXTS, make_runner, make_tiny_model
 
-HOOK = "blocks.0.hook_resid_post"
 DATA = Path(__file__).parent / "data"
 TOPICS = DATA / "topics.csv"
 REVIEWS = ProbingDataset(
     "reviews", DATA / "reviews.jsonl", text_column="review", label_column="stars"
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:The training dataset contains fewer samples:UserWarning"),
-    pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted"),
-    pytest.mark.filterwarnings("ignore:Dataset is not tokenized:UserWarning"),
-]
+pytestmark = SMALL_CORPUS_WARNINGS
 
 
 def small_config(**overrides: Any) -> ProbingEvalConfig:
@@ -229,15 +221,6 @@ def test_suite_for_sae_reads_the_metadata(model: Any, sae: Any) -> None:
 # ---- inside a stock training run ----------------------------------------------
 
 
-@pytest.fixture
-def restore_signal_handlers() -> Iterator[None]:
-    """SAELens's runner installs SIGINT/SIGTERM handlers and never removes them."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_logged_at_the_eval_cadence_of_a_stock_runner(
     prefetch: bool, monkeypatch: pytest.MonkeyPatch, restore_signal_handlers: None
@@ -257,36 +240,14 @@ def test_logged_at_the_eval_cadence_of_a_stock_runner(
 
     monkeypatch.setattr(evaluator_module, "collect_token_activations", counting_collect)
 
-    steps, log_every, eval_every = 24, 4, 2  # evals after steps 8, 16, 24
-    cfg = LanguageModelSAERunnerConfig(
-        sae=PolyTopKTrainingSAEConfig(d_in=16, d_sae=D_SAE, k=4, poly_ranks=(12, 5, 3)),
-        model_name="tiny-offline",
-        hook_name=HOOK,
-        dataset_path="in-memory",
-        is_dataset_tokenized=False,
-        streaming=False,
-        context_size=16,
-        training_tokens=steps * 32,
-        train_batch_size_tokens=32,
-        store_batch_size_prompts=2,
-        n_batches_in_buffer=4,
-        lr=1e-2,
-        lr_end=1e-2,
-        logger=LoggingConfig(
-            log_to_wandb=True, wandb_log_frequency=log_every, eval_every_n_wandb_logs=eval_every
-        ),
-        n_eval_batches=1,
-        eval_batch_size_prompts=2,
-        prefetch_llm_batches=prefetch,
-        output_path=None,
+    runner = make_runner(
+        LanguageModelSAETrainingRunner,
+        steps=24,
+        log_to_wandb=True,
         checkpoint_path=None,
-        verbose=False,
-    )
-    torch.manual_seed(0)
-    runner = LanguageModelSAETrainingRunner(
-        cfg,
-        override_model=make_tiny_model(),
-        override_dataset=datasets.Dataset.from_dict({"text": TEXTS}),
+        log_every=4,
+        eval_every=2,  # evals after steps 8, 16, 24
+        prefetch=prefetch,
     )
     suite = add_probing_evaluators(runner, small_config(datasets=(str(TOPICS),)))  # the one line
     with pytest.raises(ValueError, match="already has the probing / Wasserstein evaluators"):

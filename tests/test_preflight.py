@@ -19,14 +19,18 @@ from sae_lens.saes.sae import TrainStepInput
 
 from polysae_lens import cli, preflight
 
-from .lm_fixtures import TEXTS, make_tiny_model, save_tiny_hf_model, write_text_dataset
-from .test_cli import HOOK, OFFLINE_ENV, TINY_RUN, outputs
+from .lm_fixtures import (
+    HOOK,
+    OFFLINE_ENV,
+    SMALL_CORPUS_WARNINGS,
+    TEXTS,
+    make_tiny_model,
+    save_tiny_hf_model,
+    write_text_dataset,
+)
+from .test_cli import TINY_RUN, outputs
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:The training dataset contains fewer samples:UserWarning"),
-    pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted"),
-    pytest.mark.filterwarnings("ignore:Dataset is not tokenized:UserWarning"),
-]
+pytestmark = SMALL_CORPUS_WARNINGS
 
 ENV = {**os.environ, **OFFLINE_ENV}
 

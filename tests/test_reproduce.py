@@ -26,21 +26,17 @@ from polysae_lens.reproduce.plan import STATE_FILENAME, ReproducePlan, estimate,
 from polysae_lens.reproduce.settings import PAPER_SETTINGS, Setting
 from polysae_lens.reproduce.table import format_table
 
-from .lm_fixtures import TEXTS, make_tiny_model, write_text_dataset
+from .lm_fixtures import (
+    HOOK,
+    OFFLINE_ENV,
+    SMALL_CORPUS_WARNINGS,
+    TEXTS,
+    make_tiny_model,
+    write_text_dataset,
+)
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:The training dataset contains fewer samples:UserWarning"),
-    pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted"),
-    pytest.mark.filterwarnings("ignore:Dataset is not tokenized:UserWarning"),
-]
+pytestmark = SMALL_CORPUS_WARNINGS
 
-HOOK = "blocks.0.hook_resid_post"
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "WANDB_MODE": "disabled",
-}
 
 # Labelled texts shaped like the paper's probing sets: a multi-class topic set
 # (like ag_news) and a two-class sentiment set (like amazon_sentiment).

@@ -12,8 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -45,16 +43,10 @@ from polysae_lens import (
     orthogonality_error,
 )
 
-from .lm_fixtures import TEXTS, make_tiny_model
+from .lm_fixtures import HOOK, OFFLINE_ENV, SMALL_CORPUS_WARNINGS, TEXTS, make_tiny_model
 
-# Expected on a 40-sentence in-memory corpus: SAELens warns about reusing it.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:The training dataset contains fewer samples:UserWarning"),
-    pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted"),
-    pytest.mark.filterwarnings("ignore:Dataset is not tokenized:UserWarning"),
-]
+pytestmark = [*SMALL_CORPUS_WARNINGS, pytest.mark.usefixtures("restore_signal_handlers")]
 
-HOOK = "blocks.0.hook_resid_post"
 D_IN = 16  # d_model of the tiny transformer
 D_SAE = 48
 K = 4
@@ -160,19 +152,9 @@ def hook_activations(model: HookedTransformer, n_texts: int = 8) -> torch.Tensor
 
 
 @pytest.fixture(autouse=True)
-def restore_signal_handlers() -> Iterator[None]:
-    """SAELens's runners install SIGINT/SIGTERM handlers and never remove them."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
-@pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+    for name, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(name, value)
 
 
 # ---- (a) language-model runner, save and reload ---------------------------------
