@@ -1,0 +1,197 @@
+"""Remedies tried against the in-class plateau (issue 13; docs/inclass-plateau.md, second pass).
+
+Same data, trainer and settings as ``benchmarks/inclass.py``; one JSON line per run with the
+held-out MSE, ``pair cos`` (:func:`polysae_lens.inclass.interaction_recovery`) and the share
+of atoms matched at B and 4B. Variant syntax: ``poly2``, ``gauge`` (``gauge_lr_scale=1``),
+``topk``, ``oracle``, plus any of ``+gauge=S``, ``+warm=T`` (spectral warm start of the
+quadratic subspace after step T), ``+norefit`` (without refitting C2), ``+l2=V``
+(``lambda2_init``), ``+gsched=S:T`` (gauge scale S until step T, then the configured one).
+
+Run from the repository root (one thread, ~1 min per 6000-step run)::
+
+    .venv/bin/python benchmarks/inclass_remedies.py --variants poly2 gauge gauge+gsched=3:500 \
+        oracle --seeds 0 1 2 --mult 4
+    .venv/bin/python benchmarks/inclass_remedies.py --variants poly2+warm=300 gauge+warm=800
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import inclass as bench
+
+from polysae_lens.inclass import InClassConfig, build_in_class
+
+Setup = Callable[[Any, Any], None]
+
+
+@torch.no_grad()
+def spectral_warm_start_(sae: Any, x_BD: torch.Tensor, refit_c2: bool = True) -> dict[str, Any]:
+    """Turn U's basis (``U <- U Q, C1 <- Q^T C1``) so its first R2 columns span, and
+    diagonalise, the quadratic forms fitted to the linear residual; then refit C2.
+
+    The residual ``x - b_dec - (zU) C1`` is regressed on all products ``a_p a_q`` of
+    ``a = zU`` (plus ``a`` and 1); the forms ``M_d`` (one per output dimension) give the
+    subspace (top R2 eigenvectors of ``sum_d M_d^2``) and a basis in it (eigenvectors of a
+    random mix of the projected ``M_d``).
+    """
+    was = sae.training
+    sae.eval()
+    z = sae.encode(x_BD)
+    sae.train(was)
+    U, C1 = sae.U.detach(), sae.C1.detach()
+    R1, R2 = U.shape[1], sae.C2.shape[0]
+    a = (z @ U).double()
+    r = (x_BD - sae.b_dec.detach() - (z @ U) @ C1).double()
+    iu, ju = torch.triu_indices(R1, R1)
+    feats = torch.cat([a[:, iu] * a[:, ju], a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+    coef = torch.linalg.lstsq(feats, r).solution[: len(iu)]  # [P, D]
+    D = r.shape[1]
+    M = torch.zeros(D, R1, R1, dtype=a.dtype)
+    offdiag = iu != ju
+    M[:, iu, ju] = (coef * torch.where(offdiag, 0.5, 1.0)[:, None]).T
+    M[:, ju, iu] = (coef * torch.where(offdiag, 0.5, 1.0)[:, None]).T
+    S = torch.einsum("dij,djk->ik", M, M)
+    evals, evecs = torch.linalg.eigh(S)
+    order = evals.argsort(descending=True)
+    V = evecs[:, order]
+    Vs = V[:, :R2]
+    # basis inside the subspace: joint-diagonalise the projected forms (eigh of a random mix)
+    g = torch.randn(D, generator=torch.Generator().manual_seed(0), dtype=a.dtype)
+    Ms = torch.einsum("d,ia,dij,jb->ab", g, Vs, M, Vs)
+    _, E = torch.linalg.eigh(Ms)
+    Q = torch.cat([Vs @ E, V[:, R2:]], 1).float()
+    sae.U.copy_(U @ Q)
+    sae.C1.copy_(Q.T @ C1)
+    if refit_c2:
+        a2 = (z @ sae.U.detach())[:, :R2].double() ** 2
+        feats2 = torch.cat(
+            [a2, (z @ sae.U.detach()).double(), torch.ones(a.shape[0], 1, dtype=a.dtype)], 1
+        )
+        sol = torch.linalg.lstsq(feats2, r).solution[:R2]
+        sae.C2.copy_((sol / sae.lambda2.detach().double()).float())
+    return {"top_eigs": evals[order][: R2 + 2].tolist()}
+
+
+def make_setup(at_step: int, source: bench.DataSource, refit: bool, n: int = 8192) -> Setup:
+    """Spectral warm start after optimizer step ``at_step`` (first moments cleared)."""
+
+    def setup(trainer: Any, sae: Any) -> None:
+        state = {"t": 0}
+        opt = trainer.optimizer
+
+        def post(o: Any, args: Any, kwargs: Any) -> None:
+            if o is not opt:
+                return
+            state["t"] += 1
+            if state["t"] == at_step:
+                x = source.sample(n, source.truth.generator(4242))
+                spectral_warm_start_(sae, x, refit)
+                # Adam state of U/C1/C2 no longer matches the rotated basis: reset
+                for p in (sae.U, sae.C1, sae.C2):
+                    st = opt.state.get(p)
+                    if st:
+                        st["exp_avg"].zero_()
+
+        register_optimizer_step_post_hook(post)
+
+    return setup
+
+
+def make_sched(early: float, until: int) -> Setup:
+    """Gauge scale ``early`` until optimizer step ``until``, then the configured one."""
+
+    def setup(trainer: Any, sae: Any) -> None:
+        base = sae.cfg.gauge_lr_scale
+        object.__setattr__(sae.cfg, "gauge_lr_scale", early)
+        state = {"t": 0}
+        opt = trainer.optimizer
+
+        def post(o: Any, args: Any, kwargs: Any) -> None:
+            if o is not opt:
+                return
+            state["t"] += 1
+            if state["t"] == until:
+                object.__setattr__(sae.cfg, "gauge_lr_scale", base)
+
+        register_optimizer_step_post_hook(post)
+
+    return setup
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", nargs="+", default=["poly2", "gauge", "poly2+warm=300"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--budget", type=int, default=1500)
+    ap.add_argument("--mult", type=int, default=1)
+    ap.add_argument("--linear", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    out = []
+    for seed in args.seeds:
+        truth = build_in_class(dataclasses.replace(InClassConfig(), seed=seed))
+        source = bench.DataSource(truth, linear=args.linear)
+        eval_x = source.sample(8192, truth.generator(999_999))
+        metric = None if args.linear else bench.recovery_metric(truth)
+        for v in args.variants:
+            kw: dict[str, Any] = {}
+            setup: Setup | None = None
+            name = v
+            # syntax: base[+gauge=S][+warm=T][+norefit][+l2=V][+gsched=S:T] (module docstring)
+            parts = v.split("+")
+            kind, order = "poly", 2
+            if parts[0] == "topk":
+                kind = "topk"
+            elif parts[0] == "oracle":
+                kind = "oracle"
+            elif parts[0] == "gauge":
+                kw["gauge_lr_scale"] = 1.0
+            warm = None
+            refit = True
+            for p in parts[1:]:
+                k_, _, val = p.partition("=")
+                if k_ == "gauge":
+                    kw["gauge_lr_scale"] = float(val)
+                if k_ == "warm":
+                    warm = int(val)
+                if k_ == "norefit":
+                    refit = False
+                if k_ == "l2":
+                    kw["lambda2_init"] = float(val)
+                if k_ == "gsched":
+                    s0, t0_ = val.split(":")
+                    setup = make_sched(float(s0), int(t0_))
+            if warm is not None:
+                setup = make_setup(warm, source, refit)
+            c = bench.Contender(name, kind, order, tuple(kw.items()))
+            t0 = time.perf_counter()
+            steps = args.budget * args.mult
+            cps = [b for b in (args.budget, 4 * args.budget) if b < steps]
+            res = bench.train(c, source, seed, steps, cps, eval_x, setup=setup, metric=metric)
+            m = res.extra.get("metric", {})
+            row = {
+                "variant": name,
+                "seed": seed,
+                "mse": res.mse,
+                "pair_cos": {b: round(x["pair_cos"], 3) for b, x in m.items()},
+                "matched": {b: round(x["matched"], 3) for b, x in m.items()},
+                "ms": round(res.ms_per_step, 2),
+                "wall": round(time.perf_counter() - t0),
+            }
+            print(json.dumps(row), flush=True)
+            out.append(row)
+    return out
+
+
+if __name__ == "__main__":
+    main()
