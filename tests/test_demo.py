@@ -141,14 +141,25 @@ def test_verdicts_follow_the_noise_interval() -> None:
                 "poly_order1": _interval(0.3, 0.5, n_units=4),
             },
         ),
+        # The interval's side decides, not the observed difference (here 0).
+        Row(
+            "dead",
+            {"linear": 0.0, "poly": 0.0, "poly_order1": 0.0},
+            "lower",
+            {
+                "linear": Interval(0.0, 1.0, 10.0, 0.95, 1000, 100),
+                "poly_order1": Interval(0.0, -10.0, -1.0, 0.95, 1000, 100),
+            },
+        ),
         # A 50% difference without a noise estimate gets no verdict.
         Row("no noise", {"linear": 1.0, "poly": 1.5, "poly_order1": 1.0}, "higher"),
         Row("l0", {"linear": 5.0, "poly": 5.0, "poly_order1": 5.0}, "none", win),
         Row("only poly", {"linear": None, "poly": 0.3, "poly_order1": None}, "higher"),
     ]
-    assert [r.winner() for r in rows] == ["poly", "linear", "tie", "unjudged", "", "", ""]
+    verdicts = [r.winner() for r in rows]
+    assert verdicts == ["poly", "linear", "tie", "unjudged", "linear", "", "", ""]
     ablation = [r.winner("poly_order1", "poly") for r in rows]
-    assert ablation == ["poly_order1", "poly", "tie", "unjudged", "", "", ""]
+    assert ablation == ["poly_order1", "poly", "tie", "unjudged", "poly", "", "", ""]
 
 
 def _with_mse_interval(results: dict[str, Any], low: float, high: float) -> dict[str, Any]:
@@ -176,13 +187,18 @@ def test_report_words_a_win_only_outside_noise(quick_runs: list[tuple[Path, str]
     assert _report_line(loss, "MSE (held out)").split("|")[5].strip() == "linear TopK"
     assert "- MSE (held out): linear TopK, PolySAE - linear" in loss
     assert "seed-to-seed" in win
+    # Dead latents: no verdict and no interval, even where results hold one.
+    dead = _with_mse_interval(results, 0.002, 0.004)
+    dead["comparisons"]["linear"]["dead_latents"] = _interval(1.0, 10.0)._asdict()
+    cells = _report_line(markdown_report(dead), "dead latents").split("|")
+    assert cells[5].strip() == "" and cells[6].strip() == ""
 
 
 def test_comparisons_bootstrap_the_reported_metrics(quick_runs: list[tuple[Path, str]]) -> None:
     results = json.loads((quick_runs[0][0] / "results.json").read_text())
     saes, comparisons = results["saes"], results["comparisons"]
     assert set(comparisons) == {"linear", "poly_order1"}
-    expected_keys = {"mse", "explained_variance", "dead_latents", "mcc", "composite_latent_cosine"}
+    expected_keys = {"mse", "explained_variance", "mcc", "composite_latent_cosine"}
     expected_keys |= {f"probing.{key}" for key in saes["poly"]["probing"]}
     for other, by_metric in comparisons.items():
         assert set(by_metric) == expected_keys

@@ -113,9 +113,3 @@ def explained_variance_statistic(
     ``[N, 2]``: each sample's squared error and squared deviation from the mean."""
     err, total = counts_N @ values
     return float(1 - err / total)
-
-
-def dead_count_statistic(values: NDArray[np.float64], counts_N: NDArray[np.float64]) -> float:
-    """Latents that never fire on the resampled units; ``values`` is ``[N, F]``
-    (1 where latent f fires on sample n)."""
-    return float(((counts_N @ values) == 0).sum())

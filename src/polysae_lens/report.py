@@ -58,7 +58,8 @@ class Row(NamedTuple):
             return "unjudged"
         if not interval.excludes_zero():
             return "tie"
-        b_larger = interval.difference > 0
+        # The interval's side, not the observed difference, decides.
+        b_larger = interval.low > 0
         return b if b_larger == (self.better == "higher") else a
 
 
@@ -108,8 +109,8 @@ def summary_rows(results: dict[str, Any]) -> list[Row]:
     lin = saes["linear"]
     comparisons: dict[str, dict[str, dict[str, Any]]] = results.get("comparisons", {})
 
-    def row(metric: str, better: Better, *path: str) -> Row:
-        key = ".".join(path)
+    def row(metric: str, better: Better, *path: str, judged: bool = True) -> Row:
+        key = ".".join(path) if judged else ""
         intervals = {
             other: Interval(**by_metric[key])
             for other, by_metric in comparisons.items()
@@ -122,7 +123,9 @@ def summary_rows(results: dict[str, Any]) -> list[Row]:
         row("MSE (held out)", "lower", "mse"),
         row("explained variance", "higher", "explained_variance"),
         row("L0", "none", "l0"),
-        row("dead latents", "lower", "dead_latents"),
+        # No verdict: a bootstrap of a never-fires count is biased (a resample holds
+        # about 63% of the distinct samples, so rare latents look dead in it).
+        row("dead latents", "lower", "dead_latents", judged=False),
         row("atom recovery (MCC)", "higher", "mcc"),
         row("composition as a latent (best cos)", "higher", "composite_latent_cosine"),
         row("interaction direction (best cos)", "higher", "interaction_best_cosine"),
@@ -260,6 +263,8 @@ def markdown_report(results: dict[str, Any]) -> str:
         "the metric averages over) excludes 0; otherwise it is a `tie (within noise)`. "
         "The interval covers evaluation noise only, not seed-to-seed training "
         "variance: one seed's win is not a result that holds across seeds. "
+        "Dead latents get no verdict: a bootstrap of a count of never-firing latents "
+        "is biased (rare latents look dead in a resample). "
         f"Rows whose metric averages fewer than {MIN_UNITS} units (the composition "
         "tasks) are `not judged`. "
         "Blank rows are descriptive or apply to one SAE only. PolySAE order 1 is an "

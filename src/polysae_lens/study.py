@@ -36,7 +36,7 @@ Metrics (per SAE unless noted):
 ``comparisons`` (see :func:`comparisons`): for PolySAE against each other SAE and
 each metric both have, a paired bootstrap interval
 (:func:`polysae_lens.noise.paired_bootstrap`) of ``PolySAE - other`` over the
-metric's units: held-out samples (MSE, explained variance, dead latents), atoms
+metric's units: held-out samples (MSE, explained variance), atoms
 (MCC, with the Hungarian matching held fixed), planted pairs (composition as a
 latent) or composition tasks (probing). Evaluation noise only, not seed noise.
 """
@@ -345,10 +345,6 @@ def _average_tasks(per_task: dict[str, dict[str, list[float]]]) -> dict[str, dic
 
 # ---- noise -------------------------------------------------------------------------
 
-RARE_FIRINGS = 30
-"""Latents that fire on more held-out samples than this are taken to stay alive in
-every bootstrap resample (the chance that one does not is below e^-30)."""
-
 
 @torch.no_grad()
 def noise_units(sae: TrainingSAE[Any], gt: GroundTruth, x_BD: Tensor) -> dict[str, Any]:
@@ -357,18 +353,15 @@ def noise_units(sae: TrainingSAE[Any], gt: GroundTruth, x_BD: Tensor) -> dict[st
     x_hat = sae.decode(z_BF)
     err_B = (x_BD - x_hat).pow(2).sum(-1)
     total_B = (x_BD - x_BD.mean(0)).pow(2).sum(-1)
-    fires_BF = z_BF != 0
-    rare_F = fires_BF.sum(0) <= RARE_FIRINGS
+    live_F = (z_BF != 0).any(0)
     cos_NF = best_cosines(gt.atom_directions_ND, sae.W_dec.detach())
     rows, cols = linear_sum_assignment((1 - cos_NF).numpy())
-    live_F = fires_BF.any(0)
     _, comp_cos = best_match(
         sae.W_dec.detach()[live_F], gt.pairs.direction_PD[gt.pairs.interacting]
     )
     return {
         "mse": err_B.double().numpy(),
         "explained_variance": torch.stack([err_B, total_B], 1).double().numpy(),
-        "dead_latents": fires_BF[:, rare_F].double().numpy(),
         "mcc": cos_NF[rows, cols].double().numpy(),
         "composite_latent_cosine": comp_cos.double().numpy(),
     }
@@ -383,7 +376,6 @@ def best_cosines(atoms_ND: Tensor, rows_FD: Tensor) -> Tensor:
 
 UNIT_STATISTICS: dict[str, noise.Statistic] = {
     "explained_variance": noise.explained_variance_statistic,
-    "dead_latents": noise.dead_count_statistic,
 }
 
 
@@ -403,19 +395,9 @@ def comparisons(
                 continue
             statistic = UNIT_STATISTICS.get(key, noise.weighted_mean)
             a, b = values, other_units[key]
-            if key == "dead_latents":  # different rare latents: pad to one matrix each
-                width = max(a.shape[1], b.shape[1])
-                a = _pad_columns(a, width)
-                b = _pad_columns(b, width)
             interval = noise.paired_bootstrap(a, b, n_boot, seed, statistic=statistic)
             out[other][key] = interval._asdict()
     return out
-
-
-def _pad_columns(values: Any, width: int) -> Any:
-    # Padding columns fire everywhere, so they never count as dead.
-    pad = np.ones((values.shape[0], width - values.shape[1]))
-    return np.concatenate([values, pad], axis=1)
 
 
 # ---- the study -------------------------------------------------------------------
