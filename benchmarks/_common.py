@@ -3,8 +3,11 @@ scripts' own folder is on ``sys.path`` when they run or are imported by tests)."
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -58,3 +61,73 @@ def timed_batches(
         step += 1
         handed_out = time.perf_counter()
         yield x
+
+
+CONTENTION_KINDS = ("busy", "torch")
+"""What ``--contended`` runs beside a benchmark: ``busy``, a pure-Python busy loop
+(one core taken); ``torch``, another process doing multi-threaded float32 matmuls
+with torch's default thread count (a second training job)."""
+
+_CONTENTION_CODE = {
+    "busy": "print('ready', flush=True)\nwhile True:\n    pass\n",
+    "torch": (
+        "import torch\n"
+        "a = torch.randn(1024, 1024)\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    a = torch.tanh(a @ a)\n"
+    ),
+}
+
+
+@contextmanager
+def contention(kind: str | None) -> Iterator[subprocess.Popen[str] | None]:
+    """Run a competing process of ``kind`` (see CONTENTION_KINDS) for the duration
+    of the block and yield it; ``None`` runs nothing (yields None). The process is
+    killed on exit, also when the block raises."""
+    if kind is None:
+        yield None
+        return
+    if kind not in _CONTENTION_CODE:
+        raise ValueError(f"contention kind {kind!r} is not one of {CONTENTION_KINDS}")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CONTENTION_CODE[kind]], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        if proc.stdout is not None:
+            proc.stdout.readline()  # "ready": imports done, the loop starts now
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def sparsify_fns(
+    d_in: int, d_sae: int, k: int, batch: Tensor, autocast: bool = False
+) -> dict[str, Callable[[], None]] | None:
+    """Training-step and inference callables of EleutherAI sparsify's TopK
+    ``SparseCoder`` (fvu + AuxK loss, Adam lr 3e-4, as its trainer does), keyed
+    ``train/sparsify`` and ``infer/sparsify``; None if sparsify is not installed."""
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    model = SparseCoder(
+        d_in, SparseCoderConfig(num_latents=d_sae, k=k), device=batch.device, dtype=torch.float32
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    dev_type = batch.device.type
+
+    def step() -> None:
+        with torch.autocast(dev_type, torch.bfloat16, enabled=autocast):
+            out = model(batch)
+        (out.fvu + out.auxk_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def infer() -> None:
+        with torch.no_grad(), torch.autocast(dev_type, torch.bfloat16, enabled=autocast):
+            model(batch)
+
+    return {"train/sparsify": step, "infer/sparsify": infer}

@@ -46,6 +46,7 @@ from polysae_lens.stiefel import cholesky_qr_retract_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import training_step
+from _common import sparsify_fns
 from training_step import Shape
 
 TIMING_SHAPES = {
@@ -250,18 +251,6 @@ def topk_training_sae(shape: Shape, device: str) -> TopKTrainingSAE:
     return TopKTrainingSAE(cfg)
 
 
-def sparsify_contender(shape: Shape, device: str) -> tuple[Any, Any] | None:
-    """(model, optimizer) of sparsify's TopK SparseCoder, or None if not installed."""
-    try:
-        from sparsify import SparseCoder, SparseCoderConfig  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    torch.manual_seed(0)
-    cfg = SparseCoderConfig(num_latents=shape.d_sae, k=shape.k)
-    model = SparseCoder(shape.d_in, cfg, device=device, dtype=torch.float32)
-    return model, torch.optim.Adam(model.parameters(), lr=3e-4)
-
-
 class Timer:
     """Seconds per call: CUDA events on a GPU, perf_counter on the CPU."""
 
@@ -304,23 +293,9 @@ def time_shape(shape: Shape, device: str, autocast: bool, repeats: int) -> dict[
     fns["infer/polysae"] = infer(poly.eval())
     topk.train()
     poly.train()
-    sparsify = sparsify_contender(shape, device)
+    sparsify = sparsify_fns(shape.d_in, shape.d_sae, shape.k, batch, autocast)
     if sparsify is not None:
-        model, optimizer = sparsify
-
-        def sparsify_step() -> None:
-            with torch.autocast(dev_type, torch.bfloat16, enabled=autocast):
-                out = model(batch)
-            (out.fvu + out.auxk_loss).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        def sparsify_infer() -> None:
-            with torch.no_grad(), torch.autocast(dev_type, torch.bfloat16, enabled=autocast):
-                model(batch)
-
-        fns["train/sparsify"] = sparsify_step
-        fns["infer/sparsify"] = sparsify_infer
+        fns |= sparsify
 
     timer = Timer(device)
     for fn in fns.values():  # warm-up (kernel compilation, allocator)

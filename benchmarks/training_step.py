@@ -22,6 +22,11 @@ minus its size before building it. ``poly_every4`` retracts every 4th step.
     python benchmarks/training_step.py            # GPT-2 small shape and a small shape
     python benchmarks/training_step.py --quick    # tiny shapes, a smoke run
     python benchmarks/training_step.py --autocast --shapes small   # bf16 autocast
+    python benchmarks/training_step.py --shapes gpt2 --widths 4096 16384 65536 --ks 32 64 128
+    python benchmarks/training_step.py --shapes gpt2 --contended busy   # slowdowns
+
+EleutherAI's sparsify (``SparseCoder``: fvu + AuxK, Adam) is timed beside them
+when it is importable (``pip install eai-sparsify``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -46,6 +51,9 @@ from polysae_lens import PolyTopKSAE, PolyTopKSAEConfig, PolyTopKTrainingSAE
 from polysae_lens import PolyTopKTrainingSAEConfig as PolyTrainCfg
 from polysae_lens.sparse import select_topk
 from polysae_lens.stiefel import cholesky_qr_retract_
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import CONTENTION_KINDS, contention, sparsify_fns
 
 
 @dataclass(frozen=True)
@@ -123,11 +131,15 @@ def median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, f
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def time_shape(shape: Shape, repeats: int, autocast: bool) -> dict[str, float]:
+def time_shape(
+    shape: Shape, repeats: int, autocast: bool, contenders: tuple[str, ...] = CONTENDERS
+) -> dict[str, float]:
+    """Medians of every measure at one shape (keys as printed by :func:`report`);
+    sparsify's ``train/sparsify`` and ``infer/sparsify`` too when it is installed."""
     gen = torch.Generator().manual_seed(1)
     batch = torch.randn(shape.batch, shape.d_in, generator=gen)
-    trainers = {c: make_trainer(build(c, shape, True), shape, autocast) for c in CONTENDERS}
-    inference = {c: build(c, shape, False) for c in CONTENDERS if c != "poly_every4"}
+    trainers = {c: make_trainer(build(c, shape, True), shape, autocast) for c in contenders}
+    inference = {c: build(c, shape, False) for c in contenders if c != "poly_every4"}
     W_enc, b_enc = inference["topk"].W_enc.detach(), inference["topk"].b_enc.detach()
     poly = trainers["poly"].sae
     with torch.no_grad():
@@ -161,6 +173,9 @@ def time_shape(shape: Shape, repeats: int, autocast: bool) -> dict[str, float]:
     fns |= {f"train/{c}": (lambda t=t: t.step(batch)) for c, t in trainers.items()}
     if not autocast:
         fns |= {f"infer/{c}": infer(sae) for c, sae in inference.items()}
+    sparsify = sparsify_fns(shape.d_in, shape.d_sae, shape.k, batch, autocast)
+    if sparsify is not None:
+        fns |= sparsify if not autocast else {"train/sparsify": sparsify["train/sparsify"]}
     return median_times(fns, repeats)
 
 
@@ -216,7 +231,7 @@ def report(shape: Shape, times: dict[str, float], memory: dict[str, float] | Non
         print(f"{label:<22}{times[key]:>12.4f}{'':>10}{times[key] / floor:>10.2f}")
     for kind in ("train", "infer"):
         base = times.get(f"{kind}/topk")
-        for c in CONTENDERS:
+        for c in (*CONTENDERS, "sparsify"):
             key = f"{kind}/{c}"
             if key in times and base is not None:
                 t = times[key]
@@ -226,6 +241,60 @@ def report(shape: Shape, times: dict[str, float], memory: dict[str, float] | Non
         if memory["topk"] > 0:
             ratios = "".join(f"  {c}: {m / memory['topk']:.2f}" for c, m in memory.items())
             print(f"{'memory / topk':<22}{ratios}")
+
+
+SWEEP_CONTENDERS = ("topk", "poly")
+"""Contenders of the width and k sweeps (with sparsify when installed)."""
+SWEEP_MEASURES = (
+    "floor",
+    "part/selection",
+    "part/retraction",
+    "part/adam",
+    "train/topk",
+    "train/poly",
+    "train/sparsify",
+    "infer/topk",
+    "infer/poly",
+    "infer/sparsify",
+)
+
+
+def sweep_shapes(base: Shape, widths: list[int], ks: list[int]) -> list[tuple[str, Shape]]:
+    """(axis, shape): ``base`` with each width (its k) and with each k (its width)."""
+    shapes = [("d_sae", replace(base, name=f"{base.name}-F{w}", d_sae=w)) for w in widths]
+    shapes += [("k", replace(base, name=f"{base.name}-k{k}", k=k)) for k in ks]
+    return shapes
+
+
+def growth_exponent(sizes: list[float], seconds: list[float]) -> float:
+    """Least-squares slope of log(seconds) against log(size): time ~ size^slope."""
+    x = torch.tensor(sizes, dtype=torch.float64).log()
+    y = torch.tensor(seconds, dtype=torch.float64).log()
+    x = x - x.mean()
+    return float((x * (y - y.mean())).sum() / (x * x).sum())
+
+
+def report_sweep(axis: str, shapes: list[Shape], times: list[dict[str, float]]) -> None:
+    """One row per measure: median seconds at each size and the growth exponent."""
+    sizes = [float(getattr(shape, axis)) for shape in shapes]
+    print(f"\n## sweep over {axis} (others as {shapes[0].name.split('-')[0]}): seconds, growth")
+    header = "".join(f"{f'{axis}={int(v)}':>13}" for v in sizes)
+    print(f"{'measure':<18}{header}{'exponent':>10}")
+    for key in SWEEP_MEASURES:
+        if all(key in t for t in times):
+            values = [t[key] for t in times]
+            cells = "".join(f"{v:>13.4f}" for v in values)
+            print(f"{key:<18}{cells}{growth_exponent(sizes, values):>10.2f}")
+
+
+def report_slowdown(
+    shape: Shape, quiet: dict[str, float], busy: dict[str, float], kind: str
+) -> None:
+    print(f"\n## shape {shape.name}: slowdown beside a competing process ({kind})")
+    print(f"{'measure':<22}{'quiet s':>10}{'contended s':>13}{'slowdown':>10}")
+    for key, t in quiet.items():
+        if key in busy:
+            print(f"{key:<22}{t:>10.4f}{busy[key]:>13.4f}{busy[key] / t:>9.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -241,6 +310,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast training steps")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument(
+        "--widths",
+        nargs="+",
+        type=int,
+        default=[],
+        help="also sweep d_sae over these widths at the first shape's d_in, k, batch "
+        "(e.g. 4096 16384 65536) and print each measure's growth exponent",
+    )
+    parser.add_argument(
+        "--ks", nargs="+", type=int, default=[], help="also sweep k over these values"
+    )
+    parser.add_argument(
+        "--contended",
+        choices=CONTENTION_KINDS,
+        default=None,
+        help="time each shape again beside a competing process; print every slowdown",
+    )
     args = parser.parse_args(argv)
     shapes = [SHAPES["tiny"]] if args.quick else [SHAPES[name] for name in args.shapes]
     repeats = 2 if args.quick else args.repeats
@@ -254,6 +340,18 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_memory and not args.autocast:
             memory = {c: peak_memory_mb(c, shape) for c in ("topk", "poly")}
         report(shape, times, memory)
+        if args.contended:
+            with contention(args.contended):
+                busy = time_shape(shape, repeats, args.autocast)
+            report_slowdown(shape, times, busy, args.contended)
+    swept = sweep_shapes(shapes[0], args.widths, args.ks)
+    for axis in ("d_sae", "k"):
+        axis_shapes = [shape for a, shape in swept if a == axis]
+        if axis_shapes:
+            axis_times = [
+                time_shape(shape, repeats, args.autocast, SWEEP_CONTENDERS) for shape in axis_shapes
+            ]
+            report_sweep(axis, axis_shapes, axis_times)
 
 
 if __name__ == "__main__":

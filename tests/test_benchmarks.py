@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import torch
 from polysae_lens import PolyTopKTrainingSAE, orthogonality_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _common
 import training_step
 
 TINY = training_step.SHAPES["tiny"]
@@ -79,3 +82,52 @@ def test_gpu_suite_reports_a_failed_check() -> None:
 
     assert gpu_suite.Check("x", 2e-3, 1e-3).ok is False
     assert gpu_suite.Check("x", 1e-3, 1e-3).ok is True
+
+
+def test_growth_exponent_recovers_a_power_law() -> None:
+    sizes = [4096.0, 16384.0, 65536.0]
+    seconds = [0.003 * (s / 1000) ** 0.8 for s in sizes]
+    assert training_step.growth_exponent(sizes, seconds) == pytest.approx(0.8, abs=1e-12)
+    # two points: the slope through them, by hand
+    slope = training_step.growth_exponent([2.0, 8.0], [1.0, 3.0])
+    assert slope == pytest.approx(math.log(3.0) / math.log(4.0), abs=1e-12)
+
+
+def test_sweep_shapes_vary_one_axis_each() -> None:
+    base = training_step.SHAPES["gpt2"]
+    swept = training_step.sweep_shapes(base, [4096, 65536], [32])
+    assert [(axis, s.d_sae, s.k) for axis, s in swept] == [
+        ("d_sae", 4096, 64),
+        ("d_sae", 65536, 64),
+        ("k", 16384, 32),
+    ]
+    assert all((s.d_in, s.batch, s.ranks) == (base.d_in, base.batch, base.ranks) for _, s in swept)
+
+
+@pytest.mark.parametrize("kind", _common.CONTENTION_KINDS)
+def test_contention_runs_beside_the_block_and_is_killed_after(kind: str) -> None:
+    with _common.contention(kind) as proc:
+        assert proc is not None and proc.poll() is None
+    assert proc.poll() is not None
+    with pytest.raises(RuntimeError), _common.contention("busy") as proc:
+        raise RuntimeError("the block fails")
+    assert proc is not None and proc.poll() is not None
+    with pytest.raises(ValueError, match="not one of"), _common.contention("spin"):
+        pass
+
+
+def test_wasserstein_benchmark_rows_agree_with_scipy(capsys: pytest.CaptureFixture[str]) -> None:
+    import wasserstein as bench
+
+    args = argparse.Namespace(
+        density=0.1, seed=0, device="cpu", repeats=1, scipy_latents=32, scipy_repeats=1
+    )
+    row = bench.measure(64, 300, args)
+    assert (row.n_latents, row.n_samples, row.scipy_latents) == (64, 300, 32)
+    assert row.rel_diff < 1e-9
+    assert row.ours > 0 and row.ours_latent_major > 0 and row.scipy > 0
+    bench.main(["--sizes", "64x300", "32x200", "--repeats", "1", "--scipy-latents", "16"])
+    out = capsys.readouterr().out
+    assert "64 x 300" in out and "32 x 200" in out and "latent-major" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--sizes", "64by300"])

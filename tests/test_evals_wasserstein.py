@@ -12,6 +12,18 @@ from polysae_lens.evals import (
     wasserstein_per_latent,
     wasserstein_stats,
 )
+from polysae_lens.evals import wasserstein as wasserstein_module
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def chunk_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test through each per-chunk implementation: CPU float inputs take the
+    numpy one; "torch" forces the one CUDA and bf16 inputs take."""
+    if request.param == "torch":
+        monkeypatch.setattr(
+            wasserstein_module, "_chunk_stats", wasserstein_module._chunk_stats_torch
+        )
+    return str(request.param)
 
 
 def scipy_w1(latents: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
@@ -53,7 +65,7 @@ def labels_of(n: int, frac: float, seed: int) -> torch.Tensor:
         (50, 0.5, False, 1),  # one latent per chunk
     ],
 )
-def test_matches_scipy(n: int, frac: float, integer: bool, chunk: int) -> None:
+def test_matches_scipy(n: int, frac: float, integer: bool, chunk: int, chunk_backend: str) -> None:
     latents = sparse_latents(n, 40, seed=n, integer=integer)
     labels = labels_of(n, frac, seed=n + 1)
     stats = wasserstein_stats(latents, labels, chunk_elements=chunk)
@@ -66,7 +78,7 @@ def test_matches_scipy(n: int, frac: float, integer: bool, chunk: int) -> None:
     )
 
 
-def test_all_zero_and_all_nonzero_latents() -> None:
+def test_all_zero_and_all_nonzero_latents(chunk_backend: str) -> None:
     gen = torch.Generator().manual_seed(0)
     labels = labels_of(64, 0.4, seed=1)
     dead = torch.zeros(64, 5)
@@ -164,7 +176,7 @@ def test_bad_input_is_named(latents: torch.Tensor, labels: torch.Tensor, message
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_latents_are_named(bad: float) -> None:
+def test_non_finite_latents_are_named(bad: float, chunk_backend: str) -> None:
     latents = sparse_latents(20, 6, seed=11)
     latents[7, 4] = bad
     with pytest.raises(ValueError, match=r"non-finite .* sample 7, latent 4"):

@@ -37,9 +37,11 @@ each entry rides in the two lowest bits of its float64 key: a float32 (or bf16 o
 fp16) value converted to float64 has 29 zero low mantissa bits, so tagging them
 changes no ordering between distinct values and is undone exactly after the sort.
 (For float64 inputs the tag perturbs values by at most 3 ulp: exact up to float64
-rounding.) The one sort per chunk is a batched row sort: numpy's vectorised sort
-on CPU tensors (several times faster than ``torch.sort`` there), ``torch.sort``
-on CUDA; on CPU the nonzero scan is numpy's too, for the same reason. Memory: one
+rounding.) The one sort per chunk is a batched row sort. On CPU every step of a
+chunk runs in numpy (its row sort is several times faster than ``torch.sort``,
+its scans and gathers about twice as fast as torch's, and it uses one thread, so
+it does not stall when another process holds the second core); on CUDA the same
+steps run in torch. Memory: one
 latent-major copy of the input (none if it is already latent-major, e.g.
 ``x_FN.T``) plus O(chunk) scratch.
 """
@@ -145,7 +147,7 @@ def wasserstein_stats(
     for f0 in range(0, n_latents, rows_per_chunk):
         f1 = min(n_latents, f0 + rows_per_chunk)
         distance_F[f0:f1], std_F[f0:f1] = _chunk_stats(
-            latents_FN[f0:f1], tag_N, weight_of_tag, n_pos, n_neg, first_latent=f0
+            latents_FN[f0:f1], tag_N, weight_of_tag, first_latent=f0
         )
     distance_F /= n_pos * n_neg
     standardized_F = torch.where(
@@ -162,74 +164,119 @@ def _chunk_stats(
     rows_CN: Tensor,
     tag_N: Tensor,
     weight_of_tag: Tensor,
-    n_pos: int,
-    n_neg: int,
     first_latent: int,
 ) -> tuple[Tensor, Tensor]:
-    """Unnormalised W1 (times n_pos * n_neg) and pooled std of C latents."""
-    n_rows, n_samples = rows_CN.shape
-    device = rows_CN.device
-    # NaN != 0, so NaN and inf are among the gathered nonzeros: check only those.
-    flat_i = _flat_nonzero(rows_CN)
-    values = rows_CN.reshape(-1).take(flat_i).to(torch.float64)
-    row_i = flat_i // n_samples
-    if not bool(torch.isfinite(values).all()):
-        bad = int((~torch.isfinite(values)).nonzero()[0, 0])
-        kind = "NaN" if bool(torch.isnan(values[bad])) else "inf"
-        raise ValueError(
-            f"latents contain non-finite values (NaN or inf): the first is {kind} at "
-            f"sample {int(flat_i[bad] % n_samples)}, latent {first_latent + int(row_i[bad])}."
+    """Unnormalised W1 (times n_pos * n_neg) and pooled std of C latents.
+
+    On CPU the steps run in numpy (:func:`_chunk_stats_numpy`): its gathers and
+    row scans are about twice as fast as torch's single-threaded ones, and numpy
+    never starts a thread pool, so a busy second core does not stall the
+    evaluator (issue 16 measured 2-thread torch losing to scipy there). Other
+    devices run the same steps in torch (:func:`_chunk_stats_torch`).
+    """
+    if rows_CN.device.type == "cpu" and rows_CN.dtype != torch.bfloat16:
+        distance_C, std_C = _chunk_stats_numpy(
+            rows_CN.numpy(), tag_N.numpy(), weight_of_tag.numpy(), first_latent
         )
+        return torch.from_numpy(distance_C), torch.from_numpy(std_C)
+    return _chunk_stats_torch(rows_CN, tag_N, weight_of_tag, first_latent)
+
+
+def _non_finite_error(
+    value: float, flat_index: int, n_samples: int, first_latent: int
+) -> ValueError:
+    kind = "NaN" if value != value else "inf"
+    return ValueError(
+        f"latents contain non-finite values (NaN or inf): the first is {kind} at "
+        f"sample {flat_index % n_samples}, latent {first_latent + flat_index // n_samples}."
+    )
+
+
+def _chunk_stats_numpy(
+    rows_CN: np.ndarray,
+    tag_N: np.ndarray,
+    weight_of_tag: np.ndarray,
+    first_latent: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_chunk_stats` in numpy; the steps of :func:`_chunk_stats_torch`."""
+    n_rows, n_samples = rows_CN.shape
+    # NaN != 0, so NaN and inf are among the gathered nonzeros: check only those.
+    # (The scan of a bool mask is several times faster than of the floats.)
+    flat_i = np.flatnonzero(rows_CN != 0)
+    # flat_i ascends, so each row's entries are one run; its bounds give the counts.
+    bounds = np.searchsorted(flat_i, np.arange(n_rows + 1) * n_samples)
+    count_C = np.diff(bounds)
+    values = rows_CN.reshape(-1).take(flat_i).astype(np.float64)
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(np.argmin(finite))
+        raise _non_finite_error(float(values[bad]), int(flat_i[bad]), n_samples, first_latent)
+    row_i = np.repeat(np.arange(n_rows), count_C)
     tags = tag_N.take(flat_i - row_i * n_samples)
-    count_C = torch.bincount(row_i, minlength=n_rows)
-    count_pos_C = torch.bincount(row_i, weights=(tags == _POS).to(torch.float64), minlength=n_rows)
-    count_pos_C = count_pos_C.to(torch.int64)
 
     # Padded rows: each latent's nonzeros, then zero padding; the last slot (never
-    # written: width > max count) holds the zero atom.
+    # written: width > max count) holds the zero atom. A boolean assignment fills
+    # the True slots in row-major order, i.e. the first count_C slots of each row.
     width = int(count_C.max()) + 1
-    row_offset_C = torch.arange(n_rows, device=device) * width - (
-        torch.cumsum(count_C, 0) - count_C
-    )
-    keys_CW = torch.zeros((n_rows, width), dtype=torch.int64, device=device)
-    destination = torch.arange(flat_i.numel(), device=device) + row_offset_C.take(row_i)
-    keys_CW.view(-1).index_put_((destination,), values.view(torch.int64) | tags)
+    keys_CW = np.zeros((n_rows, width), dtype=np.int64)
+    keys_CW[np.arange(width) < count_C[:, None]] = values.view(np.int64) | tags
     keys_CW[:, -1] = _ATOM
-    keys_CW = _sort_rows(keys_CW.view(torch.float64)).view(torch.int64)
+    keys_CW.view(np.float64).sort(axis=1)
 
     tag_CW = keys_CW & _TAG_MASK
-    sorted_CW = (keys_CW & ~_TAG_MASK).view(torch.float64)
-    # The atom carries every zero: class-1 zeros weigh n_neg, class-0 zeros -n_pos.
-    zeros_pos_C = n_pos - count_pos_C
-    zeros_neg_C = n_neg - (count_C - count_pos_C)
-    atom_weight_C = zeros_pos_C * n_neg - zeros_neg_C * n_pos
-    weight_CW = torch.where(tag_CW == _ATOM, atom_weight_C[:, None], weight_of_tag.take(tag_CW))
-    # Each row's weights sum to exactly 0, so a row-wise cumsum is the ECDF gap.
-    gap_CW = weight_CW.cumsum(dim=1)[:, :-1]
-    distance_C = (gap_CW.abs() * sorted_CW.diff(dim=1)).sum(dim=1)
+    sorted_CW = (keys_CW & ~_TAG_MASK).view(np.float64)
+    weight_CW = weight_of_tag.take(tag_CW)
+    # The atom carries every zero; its weight makes the row sum exactly 0 (the
+    # weights of all n_samples values sum to n_pos * n_neg - n_neg * n_pos), so a
+    # row-wise cumsum is the ECDF gap. One atom per row: the assignment is in row order.
+    weight_CW[tag_CW == _ATOM] = -weight_CW.sum(axis=1)
+    gap_CW = weight_CW.cumsum(axis=1)[:, :-1]
+    distance_C = (np.abs(gap_CW) * np.diff(sorted_CW, axis=1)).sum(axis=1)
 
     # Pooled standard deviation over all n_samples values, two-pass. A row holds
     # every nonzero plus (width - count) zeros; the other zeros are added back.
+    mean_C = sorted_CW.sum(axis=1) / n_samples
+    centred_sq_C = np.square(sorted_CW - mean_C[:, None]).sum(axis=1)
+    centred_sq_C += (n_samples - width) * np.square(mean_C)
+    std_C = np.sqrt(np.maximum(centred_sq_C, 0) / n_samples)
+    return distance_C, std_C
+
+
+def _chunk_stats_torch(
+    rows_CN: Tensor,
+    tag_N: Tensor,
+    weight_of_tag: Tensor,
+    first_latent: int,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_chunk_stats` in torch (CUDA, bf16); the steps of :func:`_chunk_stats_numpy`."""
+    n_rows, n_samples = rows_CN.shape
+    device = rows_CN.device
+    flat_i = (rows_CN != 0).view(-1).nonzero().squeeze(1)
+    bounds = torch.searchsorted(flat_i, torch.arange(n_rows + 1, device=device) * n_samples)
+    count_C = bounds.diff()
+    values = rows_CN.reshape(-1).take(flat_i).to(torch.float64)
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0, 0])
+        raise _non_finite_error(float(values[bad]), int(flat_i[bad]), n_samples, first_latent)
+    row_i = torch.repeat_interleave(torch.arange(n_rows, device=device), count_C)
+    tags = tag_N.take(flat_i - row_i * n_samples)
+
+    width = int(count_C.max()) + 1
+    keys_CW = torch.zeros((n_rows, width), dtype=torch.int64, device=device)
+    keys_CW[torch.arange(width, device=device) < count_C[:, None]] = values.view(torch.int64) | tags
+    keys_CW[:, -1] = _ATOM
+    keys_CW = keys_CW.view(torch.float64).sort(dim=1).values.view(torch.int64)
+
+    tag_CW = keys_CW & _TAG_MASK
+    sorted_CW = (keys_CW & ~_TAG_MASK).view(torch.float64)
+    weight_CW = weight_of_tag.take(tag_CW)
+    weight_CW[tag_CW == _ATOM] = -weight_CW.sum(dim=1)
+    gap_CW = weight_CW.cumsum(dim=1)[:, :-1]
+    distance_C = (gap_CW.abs() * sorted_CW.diff(dim=1)).sum(dim=1)
+
     mean_C = sorted_CW.sum(dim=1) / n_samples
     centred_sq_C = (sorted_CW - mean_C[:, None]).square().sum(dim=1)
     centred_sq_C += (n_samples - width) * mean_C.square()
     std_C = (centred_sq_C.clamp_min(0) / n_samples).sqrt()
     return distance_C, std_C
-
-
-def _flat_nonzero(rows_CN: Tensor) -> Tensor:
-    """Flat indices of the nonzero entries (NaN counts as nonzero), ascending."""
-    if rows_CN.device.type == "cpu" and rows_CN.dtype != torch.bfloat16:
-        # numpy's SIMD compare + nonzero is about twice as fast as torch's on CPU.
-        return torch.from_numpy(np.flatnonzero(rows_CN.numpy() != 0))
-    return (rows_CN != 0).view(-1).nonzero().squeeze(1)
-
-
-def _sort_rows(keys_CW: Tensor) -> Tensor:
-    """Sort each row ascending (float64 keys)."""
-    if keys_CW.device.type == "cpu":
-        # numpy's SIMD sort, in place through the shared buffer: on CPU it is
-        # several times faster than torch.sort, which also builds indices.
-        keys_CW.numpy().sort(axis=1)
-        return keys_CW
-    return keys_CW.sort(dim=1).values
