@@ -148,6 +148,12 @@ def test_sparse_step_under_bf16_autocast_matches_dense_step() -> None:
             results.append(_step(sae, x, dead))
     (out_s, grads_s), (out_d, grads_d) = results
     assert out_s.feature_acts.is_sparse
+    # the sparse step selects from a bf16 product with the bias fused in
+    assert out_s.hidden_pre.dtype == torch.bfloat16
+    sae = make_training_sae("poly")
+    with torch.no_grad():
+        reference = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # float32, no autocast
+    torch.testing.assert_close(out_s.hidden_pre.float(), reference, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out_s.loss.float(), out_d.loss.float(), rtol=2e-2, atol=1e-3)
     for name, grad in grads_d.items():
         assert grads_s[name].dtype == grad.dtype == torch.float32

@@ -798,10 +798,13 @@ def _encoder_preacts(
     product plus a float32 bias is float32). Otherwise (the training step) the
     bias is fused into the product with ``addmm``: equal up to float rounding,
     and one pass fewer over the [B, d_sae] result (about 10% of the encoder
-    matmul at the GPT-2 shape).
+    matmul at the GPT-2 shape). Under autocast that product, bias included, is in
+    the autocast dtype: the step only selects latents from it (their values are
+    recomputed by :func:`gather_preacts`), and a bf16 result halves the traffic
+    of the selection's passes where a float32 one would add a full extra pass.
     """
     autocast = torch.is_autocast_enabled(sae_in_BD.device.type)
-    if not exact and not autocast and sae_in_BD.dtype == W_enc_DF.dtype == b_enc_F.dtype:
+    if not exact and (autocast or sae_in_BD.dtype == W_enc_DF.dtype == b_enc_F.dtype):
         return torch.addmm(b_enc_F, sae_in_BD, W_enc_DF)
     pre_BF = sae_in_BD @ W_enc_DF
     if pre_BF.dtype != torch.promote_types(pre_BF.dtype, b_enc_F.dtype):
