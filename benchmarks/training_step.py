@@ -327,6 +327,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="time each shape again beside a competing process; print every slowdown",
     )
+    parser.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="only the --widths/--ks sweeps (around the first of --shapes)",
+    )
     args = parser.parse_args(argv)
     shapes = [SHAPES["tiny"]] if args.quick else [SHAPES[name] for name in args.shapes]
     repeats = 2 if args.quick else args.repeats
@@ -334,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{cpu_model()} ({os.cpu_count()} logical CPUs), autocast={args.autocast}"
     )
-    for shape in shapes:
+    for shape in [] if args.sweep_only else shapes:
         times = time_shape(shape, repeats, args.autocast)
         memory = None
         if not args.no_memory and not args.autocast:
