@@ -799,9 +799,9 @@ def _encoder_preacts(
     bias is fused into the product with ``addmm``: equal up to float rounding,
     and one pass fewer over the [B, d_sae] result (about 10% of the encoder
     matmul at the GPT-2 shape). Under autocast that product, bias included, is in
-    the autocast dtype: the step only selects latents from it (their values are
-    recomputed by :func:`gather_preacts`), and a bf16 result halves the traffic
-    of the selection's passes where a float32 one would add a full extra pass.
+    the autocast dtype (the step selects latents from it and reads their values
+    from it, rounded to bf16 as the product already is), instead of a bf16
+    product plus a separate float32 bias pass that doubles the tensor's size.
     """
     autocast = torch.is_autocast_enabled(sae_in_BD.device.type)
     if not exact and (autocast or sae_in_BD.dtype == W_enc_DF.dtype == b_enc_F.dtype):
