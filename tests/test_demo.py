@@ -75,6 +75,7 @@ def test_quick_demo_writes_results_report_and_plots(quick_runs: list[tuple[Path,
         "curves",
         "runtime_seconds",
         "comparisons",
+        "inclass",
     }
     assert set(results["saes"]) == {"linear", "poly", "poly_order1"}
     assert set(results["saes"]["linear"]) >= PER_SAE_KEYS
@@ -109,9 +110,34 @@ def test_quick_demo_writes_results_report_and_plots(quick_runs: list[tuple[Path,
     for png in PLOT_FILES.values():
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
         assert f"]({png})" in report
-    # The printed table is the report's.
-    table = printed.split("\n\nwrote")[0]
-    assert table in report
+    # Every printed table is the report's.
+    tables = [b for b in printed.split("\n\nwrote")[0].split("\n\n") if b.startswith("|")]
+    assert len(tables) == 3
+    for table in tables:
+        assert table in report
+
+
+def test_quick_demo_writes_the_inclass_study_beside_it(
+    quick_runs: list[tuple[Path, str]],
+) -> None:
+    out, printed = quick_runs[0]
+    results = json.loads((out / "results.json").read_text())
+    inclass = results["inclass"]
+    assert set(inclass) == {"config", "truth", "runs", "summary", "comparisons", "curves"}
+    assert set(inclass["runs"]) == {"linear", "poly", "poly_order1", "poly_gauge", "oracle"}
+    assert len(inclass["config"]["seeds"]) >= 2
+    assert "inclass_total" in results["runtime_seconds"]
+    report = (out / "report.md").read_text()
+    for needle in (
+        "# Both regimes side by side",
+        "## In-class study",
+        "oracle PolySAE",
+        "seed-to-seed noise",
+        "](inclass_training.png)",
+    ):
+        assert needle in report, needle
+    assert (out / "inclass_training.png").read_bytes()[:8] == PNG_MAGIC
+    assert "In-class:" in printed and "Side by side:" in printed
 
 
 def test_quick_demo_is_reproducible(quick_runs: list[tuple[Path, str]]) -> None:
@@ -268,4 +294,6 @@ def test_ground_truth_config_rejects_bad_values() -> None:
 
 def test_demo_rejects_bad_flags(tmp_path: Path) -> None:
     assert main(["demo", "--quick", "--training-samples", "0", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "--quick", "--inclass-steps", "0", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "--quick", "--inclass-seeds", "-1", "--out", str(tmp_path)]) == 2
     assert not any(tmp_path.iterdir())

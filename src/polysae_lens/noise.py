@@ -1,4 +1,5 @@
-"""Noise estimates for the demo report's comparisons: a paired bootstrap.
+"""Noise estimates for the demo report's comparisons: a paired bootstrap over
+evaluation units and a paired t interval over seeds.
 
 A comparison of two SAEs is a *paired* one: both are scored on the same units
 (held-out samples, atoms, planted pairs, composition tasks). The bootstrap
@@ -6,8 +7,10 @@ resamples those units with replacement, recomputes each SAE's metric on the
 same resample, and takes a percentile interval of the difference. A difference
 whose interval contains 0 is a tie within noise.
 
-This estimates evaluation noise only (which units happened to be drawn), not
-seed-to-seed training variance; a report built on it says so.
+The bootstrap estimates evaluation noise only (which units happened to be
+drawn), not seed-to-seed training variance; a report built on it says so.
+:func:`paired_t_interval` estimates seed-to-seed noise from a few training
+seeds (the in-class study's verdicts).
 """
 
 from __future__ import annotations
@@ -113,3 +116,39 @@ def explained_variance_statistic(
     ``[N, 2]``: each sample's squared error and squared deviation from the mean."""
     err, total = counts_N @ values
     return float(1 - err / total)
+
+
+def paired_t_interval(
+    values_A_S: ArrayLike, values_B_S: ArrayLike, *, level: float = 0.95
+) -> Interval:
+    """Paired t interval of ``mean(A - B)`` over seeds: seed-to-seed noise.
+
+    With ``d_s = A_s - B_s`` over ``S`` seeds (each seed shared by both
+    contenders: the same data and initialisation seed), the interval is
+    ``mean(d) -/+ t_{S-1, (1 + level) / 2} * sd(d) / sqrt(S)`` (``sd`` with
+    ``S - 1`` in the denominator). ``n_boot`` is 0 (no resampling) and
+    ``n_units`` is ``S``; with one seed the interval is ``(nan, nan)``.
+
+    Raises:
+        ValueError: mismatched or empty inputs, NaN values, bad ``level``.
+    """
+    from scipy.stats import t as student_t
+
+    a = np.asarray(values_A_S, dtype=np.float64)
+    b = np.asarray(values_B_S, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or a.size == 0:
+        raise ValueError(
+            f"values_A_S {a.shape} and values_B_S {b.shape} must be 1-D with one value "
+            "per seed, in the same seed order"
+        )
+    if np.isnan(a).any() or np.isnan(b).any():
+        raise ValueError("NaN in the per-seed values: drop or fix those seeds before comparing")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} is not allowed: pass a coverage in (0, 1), e.g. 0.95")
+    d = a - b
+    n = d.size
+    mean = float(d.mean())
+    if n < 2:
+        return Interval(mean, float("nan"), float("nan"), level, 0, n)
+    half = float(student_t.ppf((1 + level) / 2, n - 1) * d.std(ddof=1) / np.sqrt(n))
+    return Interval(mean, mean - half, mean + half, level, 0, n)

@@ -236,7 +236,8 @@ def _corr(d: dict[str, Any] | None) -> str:
 
 
 def markdown_report(results: dict[str, Any]) -> str:
-    """The full Markdown report."""
+    """The full Markdown report (with the in-class study's section when ``results``
+    hold an ``"inclass"`` part)."""
     cfg, gt = results["config"], results["ground_truth"]
     gcfg = cfg["ground_truth"]
     rows = summary_rows(results)
@@ -322,7 +323,12 @@ def markdown_report(results: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:.0f} s" for k, v in results.get("runtime_seconds", {}).items())
         + ".",
     ]
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if "inclass" in results:
+        from polysae_lens.inclass_report import markdown_section
+
+        text += markdown_section(results, rows)
+    return text
 
 
 def _plot_strength(results: dict[str, Any], ax: Any) -> None:
@@ -388,7 +394,8 @@ def _plot_terms(results: dict[str, Any], axes: Any) -> None:
 
 
 def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    """The three PNG plots of :data:`PLOT_FILES`."""
+    """The three PNG plots of :data:`PLOT_FILES`, and the in-class study's training
+    plot when ``results`` hold one (:mod:`polysae_lens.inclass_report`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -408,6 +415,10 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
+    if "inclass" in results:
+        from polysae_lens.inclass_report import write_plot
+
+        paths.append(write_plot(results["inclass"], out_dir))
     return paths
 
 
