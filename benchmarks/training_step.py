@@ -17,7 +17,8 @@ the paper's setting), (b) PolySAE (sparse kernels, Cholesky-QR retraction every
 step), (c) PolySAE with the dense path, and reports medians and ratios to (a).
 Peak memory is the peak resident set size (VmHWM, which starts afresh at exec)
 of a fresh subprocess that builds one contender and runs a few training steps,
-minus its size before building it. ``poly_every4`` retracts every 4th step.
+minus its size before building it. ``poly_every4`` retracts every 4th step;
+``poly_gauge`` adds the opt-in gauge step (``gauge_lr_scale=1``, issue 13).
 
     python benchmarks/training_step.py            # GPT-2 small shape and a small shape
     python benchmarks/training_step.py --quick    # tiny shapes, a smoke run
@@ -71,7 +72,7 @@ SHAPES = {
     "small": Shape("small", 128, 2048, 32, 1024, (128, 64, 64)),
     "tiny": Shape("tiny", 32, 256, 8, 128, (32, 8, 8)),
 }
-CONTENDERS = ("topk", "poly", "poly_every4", "poly_dense")
+CONTENDERS = ("topk", "poly", "poly_every4", "poly_gauge", "poly_dense")
 
 
 def build(contender: str, shape: Shape, training: bool, autocast: bool = False) -> Any:
@@ -95,6 +96,8 @@ def build(contender: str, shape: Shape, training: bool, autocast: bool = False) 
     }
     if training and contender == "poly_every4":
         kwargs["stiefel_every_n_steps"] = 4
+    if training and contender == "poly_gauge":
+        kwargs["gauge_lr_scale"] = 1.0  # issue 13's opt-in gauge step
     sae = (
         PolyTopKTrainingSAE(PolyTrainCfg(**kwargs))
         if training
@@ -139,7 +142,9 @@ def time_shape(
     gen = torch.Generator().manual_seed(1)
     batch = torch.randn(shape.batch, shape.d_in, generator=gen)
     trainers = {c: make_trainer(build(c, shape, True), shape, autocast) for c in contenders}
-    inference = {c: build(c, shape, False) for c in contenders if c != "poly_every4"}
+    inference = {
+        c: build(c, shape, False) for c in contenders if c not in ("poly_every4", "poly_gauge")
+    }
     W_enc, b_enc = inference["topk"].W_enc.detach(), inference["topk"].b_enc.detach()
     poly = trainers["poly"].sae
     with torch.no_grad():
