@@ -177,8 +177,9 @@ def summarize(sae: TrainingSAE[Any], cfg: LanguageModelSAERunnerConfig[Any]) -> 
 
 
 def _train_command(args: argparse.Namespace, rest: list[str]) -> int:
-    # --overwrite is the plugin's own flag: SAELens's parser never sees it.
+    # --overwrite and --shard_latents are the plugin's own flags: SAELens's parser never sees them.
     overwrite = "--overwrite" in rest
+    rest, shards = _pop_shard_latents(rest)
     cfg = parse_train_args([a for a in rest if a != "--overwrite"])
     # Before any model is loaded: the paths the run writes and wandb's credentials.
     preflight.check_output_dir(cfg.output_path, "--output_path", must_be_empty=not overwrite)
@@ -186,6 +187,8 @@ def _train_command(args: argparse.Namespace, rest: list[str]) -> int:
     preflight.check_wandb(cfg.logger.log_to_wandb)
     from polysae_lens.distributed.process_group import launched_with_torchrun
 
+    if shards is not None:
+        return _train_latent_sharded(cfg, shards)
     if launched_with_torchrun():
         return _train_data_parallel(cfg)
     sae = run_train(cfg)
@@ -205,6 +208,58 @@ def _train_data_parallel(cfg: LanguageModelSAERunnerConfig[Any]) -> int:
         raise CLIError(str(e)) from e
     sae = train_distributed(cfg)
     if env_rank() == 0:
+        print(summarize(sae, cfg))
+    return 0
+
+
+SHARD_LATENTS_FLAGS = ("--shard_latents", "--shard-latents")
+
+
+def _pop_shard_latents(args: list[str]) -> tuple[list[str], int | None]:
+    """``args`` without ``--shard_latents S`` (also ``--shard-latents``, ``=S``), and S."""
+    kept: list[str] = []
+    shards: int | None = None
+    i = 0
+    while i < len(args):
+        flag, eq, value = args[i].partition("=")
+        if flag not in SHARD_LATENTS_FLAGS:
+            kept.append(args[i])
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(args):
+                raise CLIError(f"{flag} expects a number of shards, e.g. {flag} 2.")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        try:
+            shards = int(value)
+        except ValueError:
+            raise CLIError(
+                f"{flag} {value!r} is not a whole number of shards, e.g. {flag} 2."
+            ) from None
+        if shards < 1:
+            raise CLIError(f"{flag} {shards} must be at least 1.")
+    return kept, shards
+
+
+def _train_latent_sharded(cfg: LanguageModelSAERunnerConfig[Any], shards: int) -> int:
+    """One rank of ``torchrun ... -m polysae_lens train ... --shard_latents S``
+    (:mod:`polysae_lens.distributed.sharded_runner`); rank 0 prints the summary."""
+    from polysae_lens.distributed.process_group import env_world_size, launched_with_torchrun
+    from polysae_lens.distributed.sharded_runner import check_sharding, train_sharded
+
+    if not launched_with_torchrun():
+        raise CLIError(
+            f"--shard_latents {shards} splits the latents over the ranks of a multi-process "
+            f"launch: torchrun --nproc-per-node N -m polysae_lens train ... --shard_latents {shards}."
+        )
+    try:
+        check_sharding(cfg, env_world_size(), shards)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    sae = train_sharded(cfg, shards)
+    if sae is not None:
         print(summarize(sae, cfg))
     return 0
 

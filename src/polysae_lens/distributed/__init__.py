@@ -13,8 +13,12 @@ all ranks), :mod:`.trainer` (the SAETrainer seam) and :mod:`.runner` (the
 LanguageModelSAETrainingRunner seam and :func:`train_distributed`).
 
 Latent sharding of a TopK PolySAE (each rank holds a slice of the latents;
-widths that do not fit one device) is in :mod:`.sharded`:
-:func:`shard_poly_sae`, :func:`sharded_train_step`, :func:`gather_poly_sae`.
+widths that do not fit one device): the model and step function in
+:mod:`.sharded` (:func:`shard_poly_sae`, :func:`sharded_train_step`,
+:func:`gather_poly_sae`); training on a ``(dp, shard)`` DeviceMesh
+(:mod:`.mesh`) through SAETrainer (:mod:`.sharded_trainer`) and the runner,
+:func:`train_sharded` (:mod:`.sharded_runner`), behind
+``torchrun ... -m polysae_lens train ... --shard_latents S``.
 
 Names are imported on first use, so importing this package stays cheap.
 """
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from polysae_lens.distributed.data import local_batch_size, shard_dataset
+    from polysae_lens.distributed.mesh import LatentMesh, init_latent_mesh
     from polysae_lens.distributed.process_group import (
         DistributedConfig,
         DistributedContext,
@@ -40,6 +45,8 @@ if TYPE_CHECKING:
         sharded_adam,
         sharded_train_step,
     )
+    from polysae_lens.distributed.sharded_runner import train_sharded
+    from polysae_lens.distributed.sharded_trainer import ShardedSAETrainer, ShardedTrainingSAE
     from polysae_lens.distributed.trainer import DistributedSAETrainer
 
 _EXPORTS = {
@@ -57,6 +64,11 @@ _EXPORTS = {
     "shard_poly_sae": "sharded",
     "sharded_adam": "sharded",
     "sharded_train_step": "sharded",
+    "LatentMesh": "mesh",
+    "init_latent_mesh": "mesh",
+    "ShardedSAETrainer": "sharded_trainer",
+    "ShardedTrainingSAE": "sharded_trainer",
+    "train_sharded": "sharded_runner",
 }
 
 __all__ = [
@@ -64,8 +76,12 @@ __all__ = [
     "DistributedContext",
     "DistributedSAETrainer",
     "DistributedTrainingRunner",
+    "LatentMesh",
     "ShardedPolySAE",
+    "ShardedSAETrainer",
+    "ShardedTrainingSAE",
     "gather_poly_sae",
+    "init_latent_mesh",
     "init_process_group",
     "launched_with_torchrun",
     "local_batch_size",
@@ -74,6 +90,7 @@ __all__ = [
     "sharded_adam",
     "sharded_train_step",
     "train_distributed",
+    "train_sharded",
 ]
 
 

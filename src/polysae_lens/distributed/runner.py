@@ -60,6 +60,7 @@ def train_distributed(
     config: DistributedConfig | None = None,
     override_model: HookedRootModule | None = None,
     override_dataset: HfDataset | None = None,
+    override_sae: TrainingSAE[Any] | None = None,
 ) -> TrainingSAE[Any]:
     """Train one SAE data-parallel; call it on every rank (e.g. from a script
     started with ``torchrun --nproc-per-node N script.py``).
@@ -67,8 +68,9 @@ def train_distributed(
     Joins the process group (``config``, default :meth:`DistributedConfig.from_env`),
     trains, and leaves the group. Every rank returns the same trained SAE;
     rank 0 alone logs to wandb, evaluates, and writes checkpoints and
-    ``cfg.output_path``. ``override_model`` / ``override_dataset`` are used as
-    by SAELens's runner (each rank trains on its shard of the dataset). A
+    ``cfg.output_path``. ``override_model`` / ``override_dataset`` /
+    ``override_sae`` are used as by SAELens's runner (each rank trains on its
+    shard of the dataset; rank 0's ``override_sae`` is broadcast). A
     failure on any rank raises on that rank and ends the others at their next
     collective (within ``config.timeout_s``).
     """
@@ -86,7 +88,11 @@ def train_distributed(
             cfg = _on_rank_device(cfg, context)
             torch.manual_seed(cfg.seed)
             runner = DistributedTrainingRunner(
-                cfg, context, override_dataset=override_dataset, override_model=override_model
+                cfg,
+                context,
+                override_dataset=override_dataset,
+                override_model=override_model,
+                override_sae=override_sae,
             )
             # the single-process CLI's checks of the model against the config
             from polysae_lens import preflight

@@ -26,8 +26,10 @@ Supported: TopK PolySAE (architecture ``"poly"``), any order and ranks, MSE
 loss, Adam with C1's step scale, retraction every step. Not supported (refused
 by :func:`shard_poly_sae` with the reason): BatchTopK/Matryoshka/JumpReLU/gated
 sparsifiers, the gauge step, ``stiefel_every_n_steps != 1``, moment projection,
-AuxK (the step's loss is MSE only). Not built: SAETrainer/runner integration
-and a 2-D (data x latent) DeviceMesh.
+AuxK in :func:`sharded_train_step` (MSE only; the SAETrainer integration,
+:mod:`.sharded_trainer`, adds :func:`sharded_auxk_loss`). Training through
+SAETrainer, the runner and the CLI on a ``(dp, shard)`` mesh:
+:mod:`.mesh`, :mod:`.sharded_trainer`, :mod:`.sharded_runner`.
 """
 
 from __future__ import annotations
@@ -153,14 +155,23 @@ def select_global_topk(
 
     ``hidden_pre_BL``: this rank's pre-activations [B, width] (no gradient
     needed). Ties between equal values may pick different latents than
-    ``torch.topk`` over the unsharded row.
+    ``torch.topk`` over the unsharded row. ``k`` may exceed the slice's width
+    (not the SAE's): the caller must then ensure each row has at least ``k``
+    entries above ``-inf`` over all ranks.
     """
-    local = hidden_pre_BL.detach().topk(k, dim=-1, sorted=False)
+    local = hidden_pre_BL.detach().topk(min(k, bounds.width), dim=-1, sorted=False)
+    local_vals, local_cols = local.values, local.indices + bounds.start
+    if bounds.width < k:
+        # a slice narrower than k (AuxK's k_aux) offers all its latents, padded
+        # with -inf candidates so every rank sends the same number
+        pad = (hidden_pre_BL.shape[0], k - bounds.width)
+        local_vals = torch.cat([local_vals, local_vals.new_full(pad, -torch.inf)], dim=-1)
+        local_cols = torch.cat([local_cols, local_cols.new_full(pad, bounds.start)], dim=-1)
     world_size = dist.get_world_size(group)
-    vals = [torch.empty_like(local.values) for _ in range(world_size)]
-    cols = [torch.empty_like(local.indices) for _ in range(world_size)]
-    dist.all_gather(vals, local.values.contiguous(), group=group)
-    dist.all_gather(cols, (local.indices + bounds.start).contiguous(), group=group)
+    vals = [torch.empty_like(local_vals) for _ in range(world_size)]
+    cols = [torch.empty_like(local_cols) for _ in range(world_size)]
+    dist.all_gather(vals, local_vals.contiguous(), group=group)
+    dist.all_gather(cols, local_cols.contiguous(), group=group)
     vals_BC, cols_BC = torch.cat(vals, dim=-1), torch.cat(cols, dim=-1)
     picks_BK = vals_BC.topk(k, dim=-1, sorted=False).indices
     cols_BK = cols_BC.gather(1, picks_BK).sort(dim=-1).values
@@ -178,6 +189,11 @@ class ShardedCode(NamedTuple):
     W_enc, b_enc and (through :func:`copy_to_shards`) the encoder's input."""
     selection: GlobalTopK
     """The global TopK selection."""
+    hidden_pre_BL: Tensor
+    """This rank's pre-activations [B, width] (no gradient)."""
+    shift_D: Tensor | None
+    """The encoder's input shift as :func:`polysae_lens.sparse.gather_preacts`
+    took it (``None`` when the input carries it)."""
 
 
 def sharded_encode(
@@ -202,12 +218,42 @@ def sharded_encode(
         selection.rows_N, selection.local_cols_N, hidden_pre_BL.new_empty(0), hidden_pre_BL.shape
     ).with_latent_major()
     pre_N = gather_preacts(sae_in_BD, W_enc_DL, b_enc_L, hidden_pre_BL, code, input_shift_D)
-    return ShardedCode(code.with_vals(pre_N.relu()), selection)
+    return ShardedCode(code.with_vals(pre_N.relu()), selection, hidden_pre_BL, input_shift_D)
 
 
 def sharded_project(code: SparseCode, U_LR: Tensor, group: Any = None) -> Tensor:
     """``a = z @ U`` [B, R1] on every rank, from each rank's active rows of U."""
     return reduce_from_shards(project_sparse(code, U_LR), group)
+
+
+def sharded_auxk_loss(
+    shard: ShardedPolySAE, forward: ShardedForward, x_BD: Tensor, dead_L: Tensor
+) -> Tensor:
+    """The AuxK loss (Gao et al. 2024, App. A.2) of the unsharded PolySAE, from
+    the shards: each row's top ``k_aux = d_in // 2`` dead latents over all ranks
+    (``dead_L``: this rank's dead mask [width]) reconstruct the residual through
+    the polynomial without bias, scaled by ``min(n_dead / k_aux, 1)``; 0 when no
+    latent is dead anywhere. Without the loss coefficient."""
+    group = shard.group
+    n_dead = dead_L.sum().to(torch.float64).reshape(1)
+    dist.all_reduce(n_dead, op=dist.ReduceOp.SUM, group=group)
+    num_dead = int(n_dead.item())
+    if num_dead == 0:
+        return x_BD.new_tensor(0.0)
+    k_aux = shard.cfg.d_in // 2
+    hidden_pre_BL = forward.sharded.hidden_pre_BL
+    masked_BL = torch.where(dead_L[None], hidden_pre_BL, -torch.inf)
+    selection = select_global_topk(masked_BL, min(k_aux, num_dead), shard.bounds, group)
+    code = code_from_positions(
+        selection.rows_N, selection.local_cols_N, hidden_pre_BL.new_empty(0), hidden_pre_BL.shape
+    ).with_latent_major()
+    pre_N = gather_preacts(
+        forward.sae_in_BD, shard.W_enc, shard.b_enc, hidden_pre_BL, code, forward.sharded.shift_D
+    )
+    a_BR = sharded_project(code.with_vals(pre_N), shard.U, group)
+    recons_BD = terms_from_projection(a_BR, shard.decoder_weights).total()
+    residual_BD = (x_BD - forward.sae_out_BD).detach()
+    return min(num_dead / k_aux, 1.0) * (recons_BD - residual_BD).pow(2).sum(dim=-1).mean()
 
 
 # ---- retraction --------------------------------------------------------------
@@ -282,6 +328,8 @@ class ShardedForward(NamedTuple):
     """The projection ``z @ U`` (identical on every rank)."""
     sharded: ShardedCode
     """This rank's code and the global selection."""
+    sae_in_BD: Tensor
+    """The encoder's input (``x - b_dec`` with ``apply_b_dec_to_input``)."""
 
 
 class ShardedPolySAE(nn.Module):
@@ -347,19 +395,16 @@ class ShardedPolySAE(nn.Module):
         # replicated parameters get identical (and complete) gradients with no
         # all-reduce of their own (b_dec's encoder part is summed by copy_to_shards)
         sae_out_BD = terms_from_projection(a_BR, self.decoder_weights).total() + self.b_dec
-        return ShardedForward(sae_out_BD, a_BR, sharded)
+        return ShardedForward(sae_out_BD, a_BR, sharded, sae_in_BD)
 
 
 REPLICATED = ("b_dec", "C1", "C2", "C3", "lambda2", "lambda3")
 """Parameters every rank holds whole."""
 
 
-def shard_poly_sae(sae: nn.Module, rank: int, world_size: int, group: Any = None) -> ShardedPolySAE:
-    """Rank ``rank``'s shard of a TopK PolySAE (copies; ``sae`` is untouched).
-
-    Raises ValueError for sparsifiers and options the sharded model does not
-    implement, naming the option and the fix.
-    """
+def check_shardable(sae: nn.Module) -> None:
+    """Raise ValueError, naming the option and the fix, if ``sae`` is not a
+    TopK PolySAE or uses an option the sharded model does not implement."""
     from polysae_lens.sae import PolyTopKSAE, PolyTopKTrainingSAE
 
     if not isinstance(sae, PolyTopKSAE | PolyTopKTrainingSAE):
@@ -368,7 +413,12 @@ def shard_poly_sae(sae: nn.Module, rank: int, world_size: int, group: Any = None
             f"{type(sae).__name__}: BatchTopK's batch-wide threshold and JumpReLU/gated "
             "sparsifiers are not implemented sharded; train it unsharded or data-parallel."
         )
-    cfg = sae.cfg
+    check_shardable_options(sae.cfg)
+
+
+def check_shardable_options(cfg: Any) -> None:
+    """Raise ValueError, naming the option and the fix, for a PolySAE config
+    option the sharded model does not implement."""
     unsupported = {
         "gauge_lr_scale": (getattr(cfg, "gauge_lr_scale", 0.0), 0.0),
         "stiefel_every_n_steps": (getattr(cfg, "stiefel_every_n_steps", 1), 1),
@@ -385,6 +435,16 @@ def shard_poly_sae(sae: nn.Module, rank: int, world_size: int, group: Any = None
                 f"{name}={value!r} is not supported by the latent-sharded PolySAE; "
                 f"set {name}={default!r} (or train unsharded)."
             )
+
+
+def shard_poly_sae(sae: nn.Module, rank: int, world_size: int, group: Any = None) -> ShardedPolySAE:
+    """Rank ``rank``'s shard of a TopK PolySAE (copies; ``sae`` is untouched).
+
+    Raises ValueError for sparsifiers and options the sharded model does not
+    implement, naming the option and the fix.
+    """
+    check_shardable(sae)
+    cfg: Any = sae.cfg
     bounds = shard_bounds(cfg.d_sae, world_size, rank, cfg.k)
     from polysae_lens.stiefel import c1_step_scale
 
