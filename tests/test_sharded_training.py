@@ -287,3 +287,61 @@ def test_cli_refuses_before_loading_anything(
     args += ["--train_batch_size_tokens", "32", *flags]
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+# ---- the CLI under torchrun ------------------------------------------------------------
+
+
+def test_cli_trains_latent_sharded_under_torchrun(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from sae_lens import SAE
+
+    from .lm_fixtures import OFFLINE_ENV, save_tiny_hf_model, write_text_dataset
+
+    model_dir = save_tiny_hf_model(tmp_path / "model")
+    data_dir = write_text_dataset(tmp_path / "texts")
+    args = [
+        "--model_class_name", "AutoModelForCausalLM", "--model_name", str(model_dir),
+        "--hook_name", "transformer.h.0", "--dataset_path", str(data_dir),
+        "--d_in", "16", "--d_sae", "48", "-k", "4", "--poly_ranks", "12", "5", "3",
+        "--context_size", "16", "--training_tokens", "320",
+        "--train_batch_size_tokens", "32", "--store_batch_size_prompts", "2",
+        "--n_batches_in_buffer", "4", "--lr", "1e-2", "--log_to_wandb", "False",
+        "--n_checkpoints", "1", "--checkpoint_path", str(tmp_path / "checkpoints"),
+        "--shard_latents", "2",
+    ]  # fmt: skip
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+
+    def train(*extra: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [*launch, "-m", "polysae_lens", "train", *args, *extra],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    result = train("--output_path", str(tmp_path / "output"))
+    for rank in (0, 1):
+        assert f"mesh (dp=1, shard=2), replica 0, latent slice {rank} of 2" in result.stderr
+        assert f"world size 2, rank {rank} (local rank {rank})" in result.stderr
+    assert result.stderr.count("latent-sharded run finished on 2 ranks") == 1
+    summaries = [line for line in result.stdout.splitlines() if line.startswith("trained ")]
+    assert len(summaries) == 1 and "d_sae=48" in summaries[0]
+    saved = SAE.load_from_disk(tmp_path / "output", "cpu")  # the whole SAE, ordinary format
+    assert saved.cfg.d_sae == 48 and json.loads((tmp_path / "output" / "cfg.json").read_text())
+    U = saved.U.detach()
+    assert (U.T @ U - torch.eye(U.shape[1])).abs().max() < 1e-5
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()
+    (checkpoint,) = run_dir.iterdir()
+    resumed = train(
+        "--resume_from_checkpoint", str(checkpoint), "--output_path", str(tmp_path / "resumed")
+    )
+    for rank in (0, 1):
+        assert f"rank {rank} resuming from checkpoint {checkpoint}" in resumed.stderr
+    assert "has no data position" not in resumed.stderr
+    assert SAE.load_from_disk(tmp_path / "resumed", "cpu").cfg.d_sae == 48

@@ -109,7 +109,9 @@ def train_sharded(
 
         with fail_fast(context, orderly=(TrainingInterrupted,)):
             mesh = init_latent_mesh(shards, context.device.type)
-            logger.info("%s; %s", context.describe(cfg.train_batch_size_tokens), mesh.describe())
+            # the data side is the data-parallel path's (every rank its own shard)
+            data_side = context.describe(cfg.train_batch_size_tokens).partition(": ")[2]
+            logger.info("%s; %s", mesh.describe(), data_side)
             cfg = _agreed_across_ranks(cfg)
             cfg = _on_rank_device(cfg, context)
             torch.manual_seed(cfg.seed)
