@@ -88,8 +88,15 @@ def quick_help() -> str:
     ]
     for flag, default, text in poly_fields():
         lines.extend(_option(f"--{flag} [{default}]", text))
-    lines += ["", "Plugin flag:"]
+    lines += ["", "Plugin flags:"]
     lines.extend(_option("--overwrite", "allow a non-empty --output_path (else an error)"))
+    lines.extend(
+        _option(
+            "--shard_latents S",
+            "under torchrun: split the TopK PolySAE's latents over S ranks "
+            "(N ranks = N/S data-parallel copies x S shards)",
+        )
+    )
     for group, flags in SAE_LENS_FLAGS.items():
         lines += ["", f"SAELens flags, {group}:"]
         for flag, text in flags:

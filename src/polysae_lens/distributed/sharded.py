@@ -34,7 +34,6 @@ SAETrainer, the runner and the CLI on a ``(dp, shard)`` mesh:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -469,14 +468,16 @@ def shard_poly_sae(sae: nn.Module, rank: int, world_size: int, group: Any = None
 
 
 def gather_poly_sae(shard: ShardedPolySAE) -> dict[str, Tensor] | None:
-    """The full PolySAE state dict on rank 0 (``None`` on other ranks), in the
-    ordinary format (``sae.load_state_dict`` / ``save_model``). Collective: every
-    rank must call it."""
+    """The full PolySAE state dict on rank 0, on the CPU (``None`` on other
+    ranks), in the ordinary format (``sae.load_state_dict`` / ``save_model``).
+    Collective: every rank must call it.
+
+    Slices travel one at a time (point to point) and go to the CPU as they
+    arrive, so rank 0's device never holds more than one other slice.
+    """
     group = shard.group
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    max_width = math.ceil(shard.cfg.d_sae / world_size)
     widths = [shard_bounds(shard.cfg.d_sae, world_size, r).width for r in range(world_size)]
-    # gather wants equal sizes: pad latents to the widest slice, trim on rank 0
     pieces: dict[str, Tensor] = {
         "W_enc": shard.W_enc.detach().T,
         "b_enc": shard.b_enc.detach()[:, None],
@@ -484,13 +485,16 @@ def gather_poly_sae(shard: ShardedPolySAE) -> dict[str, Tensor] | None:
     }
     full: dict[str, Tensor] = {}
     for name, rows in pieces.items():
-        padded = rows.new_zeros(max_width, rows.shape[1])
-        padded[: rows.shape[0]] = rows
-        received = [torch.empty_like(padded) for _ in range(world_size)] if rank == 0 else None
-        dst = dist.get_global_rank(group, 0) if group is not None else 0
-        dist.gather(padded, received, dst=dst, group=group)
-        if received is not None:
-            full[name] = torch.cat([r[:w] for r, w in zip(received, widths, strict=True)])
+        rows = rows.contiguous()
+        if rank != 0:
+            dist.send(rows, dst=_global_rank(group, 0), group=group)
+            continue
+        parts = [rows.cpu()]
+        for src in range(1, world_size):
+            buffer = rows.new_empty(widths[src], rows.shape[1])
+            dist.recv(buffer, src=_global_rank(group, src), group=group)
+            parts.append(buffer.cpu())
+        full[name] = torch.cat(parts)
     if rank != 0:
         return None
     state = {
@@ -500,8 +504,12 @@ def gather_poly_sae(shard: ShardedPolySAE) -> dict[str, Tensor] | None:
     }
     for name in REPLICATED:
         if hasattr(shard, name):
-            state[name] = getattr(shard, name).detach().clone()
+            state[name] = getattr(shard, name).detach().cpu().clone()
     return state
+
+
+def _global_rank(group: Any, group_rank: int) -> int:
+    return dist.get_global_rank(group, group_rank) if group is not None else group_rank
 
 
 # ---- training ----------------------------------------------------------------

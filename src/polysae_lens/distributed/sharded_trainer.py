@@ -204,7 +204,8 @@ class ShardedSAETrainer(SAETrainer[Any, Any]):
             )
             self.act_freq_scores = stats.act_freq_scores_F
             self.n_forward_passes_since_fired = stats.since_fired_F
-        stop = torch.tensor([float(self.stop_requested_here)])
+        # on the SAE's device: nccl reduces only CUDA tensors
+        stop = torch.tensor([float(self.stop_requested_here)], device=self.sae.device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         self.stop_agreed = bool(stop.item() > 0)
         return output
@@ -300,6 +301,7 @@ class ShardedSAETrainer(SAETrainer[Any, Any]):
             sums = torch.tensor(
                 [self.feature_sparsity.sum().item(), float(self.dead_neurons.sum().item())],
                 dtype=torch.float64,
+                device=self.sae.device,
             )
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.mesh.shard_group)
             self.sae.cfg.metadata.l0 = sums[0].item()
@@ -328,7 +330,7 @@ class ShardedSAETrainer(SAETrainer[Any, Any]):
     def gather_log_feature_sparsity(self) -> Tensor | None:
         """SAELens's ``log_feature_sparsity`` of the whole SAE on rank 0
         (``None`` elsewhere). Collective over every rank."""
-        mine = self.log_feature_sparsity.to(torch.float32)
+        mine = self.log_feature_sparsity.to(self.sae.device, torch.float32)
         bounds = self.shard.bounds
         widest = shard_bounds(bounds.d_sae, self.mesh.shards, 0).width
         padded = mine.new_zeros(widest)
@@ -347,7 +349,7 @@ class ShardedSAETrainer(SAETrainer[Any, Any]):
         widths = [
             shard_bounds(bounds.d_sae, self.mesh.shards, r).width for r in range(len(received))
         ]
-        return torch.cat([r[:w] for r, w in zip(received, widths, strict=True)])
+        return torch.cat([r[:w] for r, w in zip(received, widths, strict=True)]).cpu()
 
     # ---- checkpoints ------------------------------------------------------------
 
