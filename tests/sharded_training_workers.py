@@ -122,13 +122,38 @@ def train_reference() -> dict[str, Any]:
     sae = make_sae()
     trainer = SAETrainer(cfg=trainer_cfg(), sae=sae, data_provider=Batches(None, 1))
     grads = first_step_grads(trainer.optimizer, {id(p): n for n, p in sae.named_parameters()})
+    outputs = record_outputs(trainer)
     trainer.fit()
     return {
+        "log": last_step_log(trainer, outputs),
         "state": {k: v.detach().clone() for k, v in sae.state_dict().items()},
         "grads": grads,
         "dead": trainer.dead_neurons.clone(),
         "act_freq_scores": trainer.act_freq_scores.clone(),
     }
+
+
+LOGGED = ("metrics/l0", "sparsity/dead_features", "sparsity/mean_passes_since_fired")
+"""Step-log entries the tests compare."""
+
+
+def record_outputs(trainer: Any) -> list[Any]:
+    """The outputs of ``trainer``'s steps, appended as it trains."""
+    outputs: list[Any] = []
+    step = trainer.step
+
+    def recording(batch: torch.Tensor) -> Any:
+        outputs.append(step(batch))
+        return outputs[-1]
+
+    trainer.step = recording
+    return outputs
+
+
+def last_step_log(trainer: Any, outputs: list[Any]) -> dict[str, float]:
+    """SAETrainer's wandb step log of the last step (as plain numbers)."""
+    log = trainer.build_train_step_log_dict(outputs[-1], trainer.n_training_samples)
+    return {key: float(log[key]) for key in LOGGED}
 
 
 def slice_hash(module: torch.nn.Module, names: tuple[str, ...] | None = None) -> str:
@@ -158,6 +183,7 @@ def _mesh_run(
     )
     data.trainer = trainer
     grads = first_step_grads(trainer.optimizer, {id(p): n for n, p in shard.named_parameters()})
+    outputs = record_outputs(trainer)
     trainer.fit()
     hashes = [*data.hashes, slice_hash(shard)]
     result: dict[str, Any] = {
@@ -168,6 +194,7 @@ def _mesh_run(
         "replicated_hash": slice_hash(shard, REPLICATED),
         "dead": trainer.dead_neurons.clone(),
         "dead_counts": data.dead_counts,
+        "log": last_step_log(trainer, outputs),
         "act_freq_scores": trainer.act_freq_scores.clone(),
         "n_training_samples": trainer.n_training_samples,
         "l0": sae.cfg.metadata.l0,

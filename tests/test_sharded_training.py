@@ -102,6 +102,16 @@ def test_sharded_training_equals_single_process(
     )
     assert {r["n_training_samples"] for r in ranks} == {workers.STEPS * workers.GLOBAL_BATCH}
     assert ranks[0]["num_dead"] == int(reference["dead"].sum())
+    # the logged step metrics describe the whole SAE (L0: the replica's batch,
+    # which is the global batch when dp = 1)
+    ref_log = reference["log"]
+    for run in ranks:
+        assert run["log"]["sparsity/dead_features"] == ref_log["sparsity/dead_features"]
+        assert run["log"]["sparsity/mean_passes_since_fired"] == pytest.approx(
+            ref_log["sparsity/mean_passes_since_fired"], rel=1e-6
+        )  # SAELens's mean is float32
+        if dp == 1:
+            assert run["log"]["metrics/l0"] == pytest.approx(ref_log["metrics/l0"], rel=1e-12)
 
 
 @pytest.mark.parametrize("name", list(workers.MESHES))

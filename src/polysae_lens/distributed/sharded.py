@@ -145,6 +145,9 @@ class GlobalTopK(NamedTuple):
     """Row of each selected latent that lies on this rank (row-major)."""
     local_cols_N: Tensor
     """Its index within this rank's slice."""
+    n_positive_B: Tensor
+    """Number of each row's selected pre-activations above 0 (the row's L0
+    after the ReLU), identical on every rank."""
 
 
 def select_global_topk(
@@ -177,7 +180,8 @@ def select_global_topk(
     mine_BK = (cols_BK >= bounds.start) & (cols_BK < bounds.stop)
     rows_BK = torch.arange(cols_BK.shape[0], device=cols_BK.device)[:, None].expand_as(cols_BK)
     # boolean indexing keeps row-major order: the local code is sorted by row, then latent
-    return GlobalTopK(cols_BK, rows_BK[mine_BK], cols_BK[mine_BK] - bounds.start)
+    n_positive_B = (vals_BC.gather(1, picks_BK) > 0).sum(dim=-1)
+    return GlobalTopK(cols_BK, rows_BK[mine_BK], cols_BK[mine_BK] - bounds.start, n_positive_B)
 
 
 class ShardedCode(NamedTuple):

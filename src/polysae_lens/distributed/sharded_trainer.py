@@ -107,6 +107,9 @@ class ShardedTrainingSAE(nn.Module):
         if aux_coefficient and step_input.dead_neuron_mask is not None:
             aux = sharded_auxk_loss(self.shard, forward, x_BD, step_input.dead_neuron_mask)
             losses["auxiliary_reconstruction_loss"] = aux_coefficient * aux
+        # SAETrainer's logged L0 reads feature_acts, this slice's only; the
+        # whole SAE's L0 is known on every rank from the global selection
+        n_positive_B = forward.sharded.selection.n_positive_B
         return TrainStepOutput(
             sae_in=x_BD,
             sae_out=forward.sae_out_BD,
@@ -114,6 +117,7 @@ class ShardedTrainingSAE(nn.Module):
             hidden_pre=forward.sharded.hidden_pre_BL,
             loss=torch.stack(list(losses.values())).sum(),
             losses=losses,
+            metrics={"l0": n_positive_B.float().mean()},
         )
 
 
@@ -172,6 +176,10 @@ class ShardedSAETrainer(SAETrainer[Any, Any]):
         """Set by :meth:`request_stop` on this rank."""
         self.stop_agreed = False
         """Whether some rank requested a stop by the end of the last step."""
+        self.global_dead_latents = 0
+        """Dead latents of the whole SAE after the last step."""
+        self.global_mean_passes_since_fired = 0.0
+        """Mean over all latents of the steps since each last fired."""
 
     @property
     def shard(self) -> ShardedPolySAE:
@@ -204,11 +212,37 @@ class ShardedSAETrainer(SAETrainer[Any, Any]):
             )
             self.act_freq_scores = stats.act_freq_scores_F
             self.n_forward_passes_since_fired = stats.since_fired_F
-        # on the SAE's device: nccl reduces only CUDA tensors
-        stop = torch.tensor([float(self.stop_requested_here)], device=self.sae.device)
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        self.stop_agreed = bool(stop.item() > 0)
+        # One all-reduce over every rank: any rank's stop request, and (from
+        # replica 0) the whole SAE's dead-latent count and mean steps since fired,
+        # for the logs. On the SAE's device: nccl reduces only CUDA tensors.
+        replica0 = float(self.mesh.dp_rank == 0)
+        since_fired = self.n_forward_passes_since_fired
+        totals = torch.tensor(
+            [
+                float(self.stop_requested_here),
+                replica0 * float(self.dead_neurons.sum().item()),
+                replica0 * float(since_fired.sum().item()),
+            ],
+            dtype=torch.float64,
+            device=self.sae.device,
+        )
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        self.stop_agreed = bool(totals[0].item() > 0)
+        self.global_dead_latents = int(totals[1].item())
+        self.global_mean_passes_since_fired = totals[2].item() / self.shard.bounds.d_sae
         return output
+
+    @torch.no_grad()
+    def build_train_step_log_dict(
+        self, output: TrainStepOutput, n_training_samples: int
+    ) -> dict[str, Any]:
+        """SAETrainer's step log with the whole SAE's dead-latent numbers (its
+        own are this slice's); L0 comes from the step's ``metrics``. Loss and
+        explained variance are replica 0's batch."""
+        log = super().build_train_step_log_dict(output, n_training_samples)
+        log["sparsity/dead_features"] = self.global_dead_latents
+        log["sparsity/mean_passes_since_fired"] = self.global_mean_passes_since_fired
+        return log
 
     def _train_step(self, sae: Any, sae_in: Tensor) -> TrainStepOutput:
         sae.train()
