@@ -447,11 +447,19 @@ def shard_poly_sae(sae: nn.Module, rank: int, world_size: int, group: Any = None
     implement, naming the option and the fix.
     """
     check_shardable(sae)
-    cfg: Any = sae.cfg
-    bounds = shard_bounds(cfg.d_sae, world_size, rank, cfg.k)
+    sharded_cfg = sharded_config(sae)
+    bounds = shard_bounds(sharded_cfg.d_sae, world_size, rank, sharded_cfg.k)
+    params = {name: value.clone() for name, value in slice_state(sae, bounds).items()}
+    return ShardedPolySAE(sharded_cfg, bounds, params, group)
+
+
+def sharded_config(sae: nn.Module) -> ShardedPolyConfig:
+    """The :class:`ShardedPolyConfig` of a TopK PolySAE (or of any object with
+    its ``cfg``)."""
     from polysae_lens.stiefel import c1_step_scale
 
-    sharded_cfg = ShardedPolyConfig(
+    cfg: Any = sae.cfg
+    return ShardedPolyConfig(
         d_in=cfg.d_in,
         d_sae=cfg.d_sae,
         k=int(cfg.k),
@@ -460,6 +468,12 @@ def shard_poly_sae(sae: nn.Module, rank: int, world_size: int, group: Any = None
         apply_b_dec_to_input=bool(cfg.apply_b_dec_to_input),
         c1_step_scale=c1_step_scale(sae),
     )
+
+
+def slice_state(sae: nn.Module, bounds: ShardBounds) -> dict[str, Tensor]:
+    """The parameters of the shard ``bounds`` of ``sae``: its latents' columns of
+    ``W_enc``, entries of ``b_enc`` and rows of ``U``, and the replicated
+    parameters; contiguous, detached, possibly views of ``sae``'s tensors."""
     state = sae.state_dict()
     params = {
         "W_enc": state["W_enc"][:, bounds.start : bounds.stop],
@@ -467,8 +481,7 @@ def shard_poly_sae(sae: nn.Module, rank: int, world_size: int, group: Any = None
         "U": state["U"][bounds.start : bounds.stop],
     }
     params.update({name: state[name] for name in REPLICATED if name in state})
-    params = {name: value.detach().clone().contiguous() for name, value in params.items()}
-    return ShardedPolySAE(sharded_cfg, bounds, params, group)
+    return {name: value.detach().contiguous() for name, value in params.items()}
 
 
 def gather_poly_sae(shard: ShardedPolySAE) -> dict[str, Tensor] | None:

@@ -11,8 +11,8 @@ exchange their rows, so ``train_batch_size_tokens`` and ``training_tokens``
 keep SAELens's meaning (global tokens per step, total tokens).
 
 The whole SAE is built (or loaded, for ``from_pretrained_path`` and
-``resume_from_checkpoint``) once per rank on the CPU, cut into this rank's
-slice and freed: only the slice goes to ``device``. Checkpoints and the final
+``resume_from_checkpoint``) on rank 0 alone, on the CPU, and every rank gets
+its slice from there (point to point): only the slices go to the devices. Checkpoints and the final
 SAE are gathered to rank 0 and written in SAELens's ordinary format.
 """
 
@@ -93,9 +93,9 @@ def train_sharded(
 
     Returns the whole trained SAE (on CPU) on rank 0 and ``None`` on the
     others; rank 0 alone logs to wandb and writes checkpoints and
-    ``cfg.output_path``. ``override_sae`` is the whole initial SAE (every rank
-    must pass the same one); ``override_model`` / ``override_dataset`` as for
-    SAELens's runner. Configuration errors raise ``ValueError`` before the
+    ``cfg.output_path``. ``override_sae`` is the whole initial SAE (rank 0's
+    is used; the other ranks may pass ``None``); ``override_model`` /
+    ``override_dataset`` as for SAELens's runner. Configuration errors raise ``ValueError`` before the
     process group is joined; a failure on any rank ends the others at their
     next collective (within ``config.timeout_s``).
     """
@@ -165,6 +165,64 @@ def whole_sae_on_cpu(
     return sae
 
 
+def scatter_slices(
+    whole: TrainingSAE[Any] | None, mesh: LatentMesh, device: torch.device
+) -> ShardedTrainingSAE:
+    """Every rank's slice of rank 0's ``whole`` SAE (``None`` on the other
+    ranks), sent point to point on ``device``: only rank 0 ever holds the whole
+    SAE. Collective over every rank."""
+    import types
+
+    import torch.distributed as dist
+
+    from polysae_lens.distributed.sharded import (
+        ShardedPolySAE,
+        check_shardable,
+        shard_bounds,
+        sharded_config,
+        slice_state,
+    )
+    from polysae_lens.distributed.sharded_trainer import ShardedTrainingSAE
+
+    main = dist.get_rank() == 0
+    if main:
+        assert whole is not None
+        check_shardable(whole)
+        manifest = [(n, p.shape, p.dtype) for n, p in slice_state(whole, _all(whole)).items()]
+    header: list[Any] = [(whole.cfg, manifest) if main else None]  # type: ignore[union-attr]
+    dist.broadcast_object_list(header, src=0, device=device if device.type == "cuda" else None)
+    full_cfg, manifest = header[0]
+    sharded_cfg = sharded_config(types.SimpleNamespace(cfg=full_cfg))  # type: ignore[arg-type]
+
+    def bounds_of(rank: int) -> Any:
+        return shard_bounds(full_cfg.d_sae, mesh.shards, rank % mesh.shards, sharded_cfg.k)
+
+    if main:
+        assert whole is not None
+        for dst in range(1, mesh.world_size):
+            for value in slice_state(whole, bounds_of(dst)).values():
+                dist.send(value.to(device), dst=dst)
+        params = {n: v.to(device, copy=True) for n, v in slice_state(whole, bounds_of(0)).items()}
+    else:
+        bounds = bounds_of(dist.get_rank())
+        params = {}
+        for name, shape, dtype in manifest:
+            shape = list(shape)
+            if name in ("W_enc", "b_enc", "U"):
+                shape[1 if name == "W_enc" else 0] = bounds.width
+            params[name] = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(params[name], src=0)
+    shard = ShardedPolySAE(sharded_cfg, bounds_of(dist.get_rank()), params, mesh.shard_group)
+    return ShardedTrainingSAE(shard, full_cfg)
+
+
+def _all(sae: TrainingSAE[Any]) -> Any:
+    from polysae_lens.distributed.sharded import ShardBounds
+
+    d_sae = int(sae.cfg.d_sae)
+    return ShardBounds(0, d_sae, d_sae)
+
+
 class ShardedTrainingRunner(DistributedTrainingRunner):
     """SAELens's ``LanguageModelSAETrainingRunner`` for one rank of a
     latent-sharded run: ``self.sae`` is this rank's
@@ -183,14 +241,17 @@ class ShardedTrainingRunner(DistributedTrainingRunner):
         override_model: HookedRootModule | None = None,
         override_sae: TrainingSAE[Any] | None = None,
     ) -> None:
-        from polysae_lens.distributed.sharded import shard_poly_sae
-        from polysae_lens.distributed.sharded_trainer import ShardedTrainingSAE
-
         self.mesh = mesh
-        whole = whole_sae_on_cpu(cfg, override_sae)
-        shard = shard_poly_sae(whole, mesh.shard_rank, mesh.shards, mesh.shard_group)
-        sliced = ShardedTrainingSAE(shard, whole.cfg)
-        del whole  # only the slice stays (the caller may still hold override_sae)
+        # rank 0 alone builds (or loads) the whole SAE, on the CPU, and sends
+        # every rank its slice; the slices are copies, the whole SAE is freed
+        # (its random init must not advance rank 0's global RNG alone: the
+        # activation stores shuffle with it)
+        whole = None
+        if context.is_main:
+            with torch.random.fork_rng(devices=[]):
+                whole = whole_sae_on_cpu(cfg, override_sae)
+        sliced = scatter_slices(whole, mesh, context.device)
+        del whole
         super().__init__(
             cfg,
             context,
