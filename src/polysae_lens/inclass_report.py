@@ -45,8 +45,10 @@ SEED_ROWS = (
 def _num(value: float) -> str:
     if math.isnan(value):
         return "nan"
-    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4):
+    if value != 0 and (abs(value) < 1e-4 or abs(value) >= 1e4):
         return f"{value:.2e}"
+    if value != 0 and abs(value) < 1e-3:
+        return f"{value:.4f}"
     return f"{value:.3f}"
 
 
