@@ -48,7 +48,7 @@ def _num(value: float) -> str:
     if value != 0 and (abs(value) < 1e-4 or abs(value) >= 1e4):
         return f"{value:.2e}"
     if value != 0 and abs(value) < 1e-3:
-        return f"{value:.4f}"
+        return f"{value:.5f}"
     return f"{value:.3f}"
 
 
