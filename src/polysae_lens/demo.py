@@ -110,7 +110,7 @@ def inclass_config(args: argparse.Namespace) -> InClassStudyConfig:
 
 
 def demo_command(args: argparse.Namespace, rest: list[str]) -> int:
-    check_threads(args.threads)
+    check_threads(args.threads, default="one thread")
     check_output_dir(args.out, "--out", must_be_empty=not args.overwrite)
     import torch
 

@@ -102,11 +102,12 @@ def model_context_length(model: Any) -> int | None:
     return None
 
 
-def check_threads(threads: int | None) -> None:
+def check_threads(threads: int | None, default: str) -> None:
+    """``--threads`` is a positive count; ``default`` says what leaving it out gives."""
     if threads is not None and threads < 1:
         raise PreflightError(
             f"--threads {threads} is not allowed: pass a number of CPU threads >= 1, or "
-            "leave it out for torch's choice."
+            f"leave it out for {default}."
         )
 
 
