@@ -23,10 +23,10 @@ from sae_lens.config import SAETrainerConfig
 
 import polysae_lens  # noqa: F401  (registers the PolySAE architectures)
 
+from . import sharded_workers
+
 D_IN = 16
-D_SAE = 25
-K = 3
-RANKS = [6, 4, 2]
+D_SAE, K, RANKS = sharded_workers.D_SAE, sharded_workers.K, sharded_workers.RANKS
 GLOBAL_BATCH = 32
 STEPS = 30
 MESHES = {"1x2": (1, 2), "2x1": (2, 1), "2x2": (2, 2)}
@@ -35,26 +35,7 @@ MESHES = {"1x2": (1, 2), "2x1": (2, 1), "2x2": (2, 2)}
 
 def make_sae() -> TrainingSAE[Any]:
     """A float64 TopK PolySAE of order 3, biases and lambdas away from their init."""
-    torch.manual_seed(0)
-    sae = TrainingSAE.from_dict(
-        {
-            "architecture": "poly",
-            "d_in": D_IN,
-            "d_sae": D_SAE,
-            "k": K,
-            "poly_ranks": RANKS,
-            "apply_b_dec_to_input": True,
-            "dtype": "float64",
-        }
-    )
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name in ("b_enc", "b_dec"):
-            param = getattr(sae, name)
-            param.copy_(0.1 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
-        sae.lambda2.fill_(0.7)
-        sae.lambda3.fill_(-0.4)
-    return sae
+    return sharded_workers.make_sae("float64", d_in=D_IN)
 
 
 def trainer_cfg(checkpoint_path: str | None = None) -> SAETrainerConfig:

@@ -26,14 +26,14 @@ TRAIN_STEPS = 20
 LR = 1e-2
 
 
-def make_sae(dtype: str) -> Any:
+def make_sae(dtype: str, d_in: int = D_IN) -> Any:
     """A TopK PolySAE of order 3 with every parameter away from its init
     (non-zero biases and lambdas, so every gradient path matters)."""
     torch.manual_seed(0)
     sae = TrainingSAE.from_dict(
         {
             "architecture": "poly",
-            "d_in": D_IN,
+            "d_in": d_in,
             "d_sae": D_SAE,
             "k": K,
             "poly_ranks": RANKS,

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +22,7 @@ from polysae_lens.distributed import DistributedConfig, local_batch_size
 from polysae_lens.distributed.data import shard_activations_store, shard_dataset
 
 from . import distributed_workers as workers
+from .spawn import spawn_ranks, torchrun_train
 
 REPO = Path(__file__).resolve().parents[1]
 SPAWN_TIMEOUT_S = 120
@@ -35,29 +32,13 @@ FAILURE_BOUND_S = 30
 def _spawn(
     out_dir: Path, scenarios: list[str], fail_rank: int | None
 ) -> tuple[list[Any], list[float]]:
-    """Start both ranks as spawned processes; return them and their exit
-    times (``time.time()``) once both exit (terminated and failed if they
-    outlive SPAWN_TIMEOUT_S)."""
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=workers.rank_main, args=(rank, str(out_dir), scenarios, fail_rank))
-        for rank in range(workers.WORLD_SIZE)
-    ]
-    for proc in procs:
-        proc.start()
-    exits: dict[int, float] = {}
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while len(exits) < len(procs) and time.monotonic() < deadline:
-        for rank, proc in enumerate(procs):
-            if rank not in exits and not proc.is_alive():
-                exits[rank] = time.time()
-        time.sleep(0.05)
-    alive = [p for p in procs if p.is_alive()]
-    for proc in alive:
-        proc.terminate()
-        proc.join()
-    assert not alive, f"{len(alive)} rank(s) still running after {SPAWN_TIMEOUT_S} s"
-    return procs, [exits[rank] for rank in range(len(procs))]
+    """Both ranks as spawned processes, and their exit times."""
+    return spawn_ranks(
+        workers.rank_main,
+        lambda rank: (rank, str(out_dir), scenarios, fail_rank),
+        workers.WORLD_SIZE,
+        SPAWN_TIMEOUT_S,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -238,20 +219,9 @@ def test_cli_trains_under_torchrun(tmp_path: Path) -> None:
         "--n_batches_in_buffer", "4", "--lr", "1e-2", "--log_to_wandb", "False",
         "--n_checkpoints", "1", "--checkpoint_path", str(tmp_path / "checkpoints"),
     ]  # fmt: skip
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-        "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-    }  # fmt: skip
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
 
     def train(*extra: str) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [*launch, "-m", "polysae_lens", "train", *args, *extra],
-            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result
+        return torchrun_train([*args, *extra], cwd=tmp_path)
 
     result = train("--output_path", str(tmp_path / "output"))
     log = result.stderr

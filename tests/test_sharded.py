@@ -7,7 +7,6 @@ automatic Stiefel hooks), sharing no sharding code.
 
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from polysae_lens.distributed.sharded import shard_bounds
 
 from . import sharded_workers as workers
+from .spawn import run_ranks
 
 SPAWN_TIMEOUT_S = 120
 
@@ -24,22 +24,13 @@ SPAWN_TIMEOUT_S = 120
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out_dir = tmp_path_factory.mktemp("sharded")
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=workers.rank_main, args=(rank, str(out_dir)))
-        for rank in range(workers.WORLD_SIZE)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(SPAWN_TIMEOUT_S)
-    alive = [p for p in procs if p.is_alive()]
-    for proc in alive:
-        proc.terminate()
-        proc.join()
-    assert not alive, f"{len(alive)} rank(s) still running after {SPAWN_TIMEOUT_S} s"
-    assert [p.exitcode for p in procs] == [0, 0]
-    return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(workers.WORLD_SIZE)]
+    return run_ranks(
+        workers.rank_main,
+        lambda rank: (rank, str(out_dir)),
+        workers.WORLD_SIZE,
+        SPAWN_TIMEOUT_S,
+        Path(out_dir),
+    )
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,7 +9,6 @@ tiny language model) and 4 ranks (mesh 2x2); the workers are in
 
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 
 from . import sharded_training_workers as workers
 from .lm_fixtures import SMALL_CORPUS_WARNINGS
+from .spawn import run_ranks, torchrun_train
 
 pytestmark = SMALL_CORPUS_WARNINGS
 
@@ -27,22 +27,13 @@ SHARDED = {"W_enc": 1, "b_enc": 0, "U": 0}
 
 
 def _spawn(out_dir: Path, world_size: int, names: list[str]) -> list[dict[str, Any]]:
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=workers.mesh_main, args=(rank, world_size, str(out_dir), names))
-        for rank in range(world_size)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(SPAWN_TIMEOUT_S)
-    alive = [p for p in procs if p.is_alive()]
-    for proc in alive:
-        proc.terminate()
-        proc.join()
-    assert not alive, f"{len(alive)} rank(s) still running after {SPAWN_TIMEOUT_S} s"
-    assert [p.exitcode for p in procs] == [0] * world_size
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return run_ranks(
+        workers.mesh_main,
+        lambda rank: (rank, world_size, str(out_dir), names),
+        world_size,
+        SPAWN_TIMEOUT_S,
+        out_dir,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -304,13 +295,11 @@ def test_cli_refuses_before_loading_anything(
 
 def test_cli_trains_latent_sharded_under_torchrun(tmp_path: Path) -> None:
     import json
-    import os
     import subprocess
-    import sys
 
     from sae_lens import SAE
 
-    from .lm_fixtures import OFFLINE_ENV, save_tiny_hf_model, write_text_dataset
+    from .lm_fixtures import save_tiny_hf_model, write_text_dataset
 
     model_dir = save_tiny_hf_model(tmp_path / "model")
     data_dir = write_text_dataset(tmp_path / "texts")
@@ -324,16 +313,9 @@ def test_cli_trains_latent_sharded_under_torchrun(tmp_path: Path) -> None:
         "--n_checkpoints", "1", "--checkpoint_path", str(tmp_path / "checkpoints"),
         "--shard_latents", "2",
     ]  # fmt: skip
-    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
 
     def train(*extra: str) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [*launch, "-m", "polysae_lens", "train", *args, *extra],
-            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result
+        return torchrun_train([*args, *extra], cwd=tmp_path)
 
     result = train("--output_path", str(tmp_path / "output"))
     for rank in (0, 1):

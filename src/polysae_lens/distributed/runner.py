@@ -207,24 +207,8 @@ class DistributedTrainingRunner(LanguageModelSAETrainingRunner):
         from polysae_lens.distributed.trainer import DistributedSAETrainer
 
         main = self.context.is_main
-        log_to_wandb = main and self.cfg.logger.log_to_wandb
-        self._set_sae_metadata()
-        if log_to_wandb:
-            wandb.init(
-                project=self.cfg.logger.wandb_project,
-                entity=self.cfg.logger.wandb_entity,
-                config=self.cfg.to_dict(),
-                name=self.cfg.logger.run_name,
-                id=self.cfg.logger.wandb_id,
-            )
-        data_provider: Any = self.activations_store
-        if self.cfg.prefetch_llm_batches:
-            prefetch = (
-                1
-                if isinstance(self.cfg.prefetch_llm_batches, bool)
-                else self.cfg.prefetch_llm_batches
-            )
-            data_provider = PrefetchingIterator(iter(self.activations_store), prefetch=prefetch)
+        log_to_wandb = self._start_run(main)
+        data_provider = self._data_provider()
         try:
             trainer = DistributedSAETrainer(
                 cfg=self.cfg.to_sae_trainer_config(),
@@ -297,10 +281,44 @@ class DistributedTrainingRunner(LanguageModelSAETrainingRunner):
             str(Path(checkpoint_path) / rank_store_state_filename(self.context.rank))
         )
 
+    def _start_run(self, main: bool) -> bool:
+        """SAELens's run start (SAE metadata; wandb on the main rank only):
+        whether this rank logs to wandb."""
+        import wandb
+
+        log_to_wandb = main and self.cfg.logger.log_to_wandb
+        self._set_sae_metadata()
+        if log_to_wandb:
+            wandb.init(
+                project=self.cfg.logger.wandb_project,
+                entity=self.cfg.logger.wandb_entity,
+                config=self.cfg.to_dict(),
+                name=self.cfg.logger.run_name,
+                id=self.cfg.logger.wandb_id,
+            )
+        return log_to_wandb
+
+    def _data_provider(self) -> Any:
+        """The activation store, behind SAELens's prefetching iterator when the
+        config asks for it (the caller closes it)."""
+        from sae_lens.training.prefetch import PrefetchingIterator
+
+        if not self.cfg.prefetch_llm_batches:
+            return self.activations_store
+        prefetch = (
+            1 if isinstance(self.cfg.prefetch_llm_batches, bool) else self.cfg.prefetch_llm_batches
+        )
+        return PrefetchingIterator(iter(self.activations_store), prefetch=prefetch)
+
     def _resume(self, trainer: Any, path: Path) -> None:
         logger.info("rank %d resuming from checkpoint %s", self.context.rank, path)
         trainer.load_trainer_state(path)
         self.sae.load_weights_from_checkpoint(path)
+        self._load_data_position(path)
+
+    def _load_data_position(self, path: Path) -> None:
+        """This rank's activation-store position from a checkpoint (rank 0's if
+        the checkpoint has none for it)."""
         own = path / rank_store_state_filename(self.context.rank)
         if own.exists():
             self.activations_store.load(str(own))

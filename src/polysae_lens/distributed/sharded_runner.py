@@ -38,7 +38,6 @@ from polysae_lens.distributed.runner import (
     DistributedTrainingRunner,
     _agreed_across_ranks,
     _on_rank_device,
-    rank_store_state_filename,
 )
 
 if TYPE_CHECKING:
@@ -266,24 +265,8 @@ class ShardedTrainingRunner(DistributedTrainingRunner):
 
         from polysae_lens.distributed.sharded_trainer import ShardedSAETrainer
 
-        log_to_wandb = self.mesh.is_main and self.cfg.logger.log_to_wandb
-        self._set_sae_metadata()
-        if log_to_wandb:
-            wandb.init(
-                project=self.cfg.logger.wandb_project,
-                entity=self.cfg.logger.wandb_entity,
-                config=self.cfg.to_dict(),
-                name=self.cfg.logger.run_name,
-                id=self.cfg.logger.wandb_id,
-            )
-        data_provider: Any = self.activations_store
-        if self.cfg.prefetch_llm_batches:
-            prefetch = (
-                1
-                if isinstance(self.cfg.prefetch_llm_batches, bool)
-                else self.cfg.prefetch_llm_batches
-            )
-            data_provider = PrefetchingIterator(iter(self.activations_store), prefetch=prefetch)
+        log_to_wandb = self._start_run(self.mesh.is_main)
+        data_provider = self._data_provider()
         try:
             trainer = ShardedSAETrainer(
                 cfg=self.cfg.to_sae_trainer_config(),
@@ -312,14 +295,4 @@ class ShardedTrainingRunner(DistributedTrainingRunner):
         # the weights were re-sharded from the checkpoint when the slice was cut
         logger.info("rank %d resuming from checkpoint %s", self.context.rank, path)
         trainer.load_trainer_state(path)
-        own = path / rank_store_state_filename(self.context.rank)
-        if own.exists():
-            self.activations_store.load(str(own))
-        else:
-            logger.warning(
-                "checkpoint %s has no data position for rank %d (%s); using rank 0's.",
-                path,
-                self.context.rank,
-                own.name,
-            )
-            self.activations_store.load_from_checkpoint(path)
+        self._load_data_position(path)

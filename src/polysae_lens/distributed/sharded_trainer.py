@@ -52,7 +52,7 @@ from polysae_lens.distributed.sharded import (
     sharded_cholesky_qr_,
 )
 from polysae_lens.distributed.stats import reduce_step_stats
-from polysae_lens.distributed.trainer import StopRequested
+from polysae_lens.distributed.trainer import StopAfterAgreedStep
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class ShardedTrainingSAE(nn.Module):
         )
 
 
-class ShardedSAETrainer(SAETrainer[Any, Any]):
+class ShardedSAETrainer(StopAfterAgreedStep, SAETrainer[Any, Any]):
     """SAELens's ``SAETrainer`` for one rank of a latent-sharded run.
 
     ``cfg`` is the run's global configuration (``train_batch_size_samples``:
@@ -313,19 +313,6 @@ class ShardedSAETrainer(SAETrainer[Any, Any]):
         coefficient = (CLIP_MAX_NORM / (norm + 1e-6)).clamp(max=1.0)
         for grad in grads:
             grad.mul_(coefficient.to(grad.dtype))
-
-    # ---- stopping (as DistributedSAETrainer) ------------------------------------
-
-    def request_stop(self) -> None:
-        """Ask every rank to stop after the current step (safe in a signal handler)."""
-        self.stop_requested_here = True
-
-    def _update_pbar(
-        self, step_output: TrainStepOutput, pbar: Any, *args: Any, **kwargs: Any
-    ) -> None:
-        super()._update_pbar(step_output, pbar, *args, **kwargs)
-        if self.stop_agreed:
-            raise StopRequested(self.n_training_samples)
 
     # ---- whole-SAE views ----------------------------------------------------------
 

@@ -45,7 +45,34 @@ class StopRequested(Exception):
         self.n_training_samples = n_training_samples
 
 
-class DistributedSAETrainer(SAETrainer[T_TRAINING_SAE, T_TRAINING_SAE_CONFIG]):
+class StopAfterAgreedStep:
+    """The stop protocol of the multi-rank trainers: a signal handler calls
+    :meth:`request_stop` on one rank; the trainer's per-step all-reduce sets
+    ``stop_agreed`` on every rank, and all raise :class:`StopRequested` at the
+    same point of the same step. Mixed in before ``SAETrainer``."""
+
+    stop_requested_here: bool
+    stop_agreed: bool
+    n_training_samples: int
+
+    def request_stop(self) -> None:
+        """Ask every rank to stop after the current step (safe to call from a
+        signal handler): :meth:`fit` then raises :class:`StopRequested` on all
+        ranks after the same step, with identical state everywhere."""
+        self.stop_requested_here = True
+
+    def _update_pbar(
+        self, step_output: TrainStepOutput, pbar: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        # SAETrainer calls this last in each iteration, after the step counters,
+        # logging and checkpointing: the one point where every rank has finished
+        # the same whole step.
+        super()._update_pbar(step_output, pbar, *args, **kwargs)  # type: ignore[misc]
+        if self.stop_agreed:
+            raise StopRequested(self.n_training_samples)
+
+
+class DistributedSAETrainer(StopAfterAgreedStep, SAETrainer[T_TRAINING_SAE, T_TRAINING_SAE_CONFIG]):
     """SAELens's ``SAETrainer`` for one rank of a data-parallel run.
 
     ``cfg`` is the run's global configuration, the same on every rank:
@@ -132,22 +159,6 @@ class DistributedSAETrainer(SAETrainer[T_TRAINING_SAE, T_TRAINING_SAE_CONFIG]):
         self.n_forward_passes_since_fired = stats.since_fired_F
         self.stop_agreed = stats.stop_requested
         return output
-
-    def request_stop(self) -> None:
-        """Ask every rank to stop after the current step (safe to call from a
-        signal handler): :meth:`fit` then raises :class:`StopRequested` on all
-        ranks after the same step, with identical state everywhere."""
-        self.stop_requested_here = True
-
-    def _update_pbar(
-        self, step_output: TrainStepOutput, pbar: Any, *args: Any, **kwargs: Any
-    ) -> None:
-        # SAETrainer calls this last in each iteration, after the step counters,
-        # logging and checkpointing: the one point where every rank has finished
-        # the same whole step.
-        super()._update_pbar(step_output, pbar, *args, **kwargs)
-        if self.stop_agreed:
-            raise StopRequested(self.n_training_samples)
 
     def save_checkpoint(
         self,
