@@ -10,8 +10,14 @@
    same seed and data: final MSE on held-out samples, the largest
    max |U^T U - I| seen before any retraction, and time per step.
 
+3. With ``--blocking``: one CholeskyQR pass with the products split into
+   row chunks x column blocks of other sizes, quiet and beside a competing
+   process (a busy loop; a 2-thread torch job), because many short
+   multi-threaded products stall when another process holds a core.
+
     python benchmarks/retraction.py           # about 3 minutes on 2 cores
     python benchmarks/retraction.py --quick
+    python benchmarks/retraction.py --blocking --d-sae 16384 65536   # about 4 minutes
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import time
 from typing import Any
 
 import torch
+from _common import CONTENTION_KINDS, contention
 from sae_lens import SAETrainer
 from sae_lens.config import SAETrainerConfig
 from sae_lens.synthetic import ActivationGenerator, FeatureDictionary
@@ -123,10 +130,61 @@ def train_variant(every_n: int, method: str, steps: int, d_in: int, d_sae: int) 
     }
 
 
+BLOCKINGS = [(rows, cols) for rows in (2048, 8192, None) for cols in (128, 256, 768)]
+"""(row chunk, column block) of ``--blocking``; None rows: one chunk of all rows."""
+
+
+def time_blockings(d_sae: int, rank: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median seconds of one CholeskyQR pass per blocking: quiet, then beside
+    each kind of competing process."""
+    gen = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(d_sae, rank, generator=gen))[0]
+    U += 1e-3 * torch.randn(d_sae, rank, generator=gen)  # one optimizer step away
+    fns = {
+        f"rows {rows or d_sae} / cols {cols}": functools.partial(
+            cholesky_qr_pass_, U.clone(), block=cols, row_chunk=rows or d_sae
+        )
+        for rows, cols in BLOCKINGS
+    }
+    out: dict[str, dict[str, float]] = {}
+    for kind in (None, *CONTENTION_KINDS):
+        with contention(kind):
+            out[kind or "quiet"] = median_seconds(fns, repeats)
+    return out
+
+
+def median_seconds(fns: dict[str, Any], repeats: int) -> dict[str, float]:
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--blocking", action="store_true", help="only the blocking table (3.)")
+    parser.add_argument("--d-sae", type=int, nargs="+", default=[16384], help="for --blocking")
     args = parser.parse_args(argv)
+    if args.blocking:
+        repeats = 2 if args.quick else 5
+        for d_sae in [256] if args.quick else args.d_sae:
+            rank = 32 if args.quick else 768
+            table = time_blockings(d_sae, rank, repeats)
+            print(f"\n## one CholeskyQR pass of U [{d_sae}, {rank}]: median s (slowdown)")
+            kinds = list(table)
+            print(f"{'blocking':<24}" + "".join(f"{k:>20}" for k in kinds))
+            for name, quiet in table["quiet"].items():
+                cells = "".join(
+                    f"{table[k][name]:>12.3f} ({table[k][name] / quiet:>4.2f}x)" for k in kinds
+                )
+                print(f"{name:<24}{cells}")
+        return
     shape = (1024, 64) if args.quick else (16384, 768)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"\n## one retraction of U {list(shape)} (median of {2 if args.quick else 5})")

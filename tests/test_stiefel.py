@@ -182,6 +182,21 @@ def test_blocked_gram_and_triangular_product_match_full_products(
     torch.testing.assert_close(Q, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(("block", "row_chunk"), [(16, 50), (64, 1000), (300, 7), (None, None)])
+def test_cholesky_pass_blocking_changes_only_rounding(
+    block: int | None, row_chunk: int | None
+) -> None:
+    gen = torch.Generator().manual_seed(2)
+    U = torch.linalg.qr(torch.randn(700, 300, generator=gen))[0]
+    U = U + 1e-3 * torch.randn(700, 300, generator=gen)
+    Q = U.clone()
+    assert stiefel.cholesky_qr_pass_(Q, block=block, row_chunk=row_chunk)
+    # one pass from Q^T Q = L L^T: Q = U L^-T, written out without blocking
+    L = torch.linalg.cholesky(U.double().T @ U.double())
+    expected = torch.linalg.solve_triangular(L, U.double().T, upper=False).T
+    torch.testing.assert_close(Q.double(), expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(("rows", "cols"), [(200, 30), (700, 300)])
 @pytest.mark.parametrize("perturbation", [1e-3, 0.3])
 def test_cholesky_qr_retraction_gives_householders_q(
