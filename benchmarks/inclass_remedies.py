@@ -5,7 +5,8 @@ held-out MSE, ``pair cos`` (:func:`polysae_lens.inclass.interaction_recovery`) a
 of atoms matched at B and 4B. Variant syntax: ``poly2``, ``gauge`` (``gauge_lr_scale=1``),
 ``topk``, ``oracle``, plus any of ``+gauge=S``, ``+warm=T`` (spectral warm start of the
 quadratic subspace after step T), ``+norefit`` (without refitting C2), ``+l2=V``
-(``lambda2_init``), ``+gsched=S:T`` (gauge scale S until step T, then the configured one).
+(``lambda2_init``), ``+gsched=S:T`` (gauge scale S until step T, then the configured one),
+``+lr=NAME:M,...`` (parameter NAME's optimizer step times M, e.g. ``+lr=C2:3,lambda2:3``).
 
 Run from the repository root (one thread, ~1 min per 6000-step run)::
 
@@ -28,6 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import inclass as bench
+from _common import scale_steps
 
 from polysae_lens.inclass import InClassConfig, build_in_class
 
@@ -128,6 +130,15 @@ def make_sched(early: float, until: int) -> Setup:
     return setup
 
 
+def make_lr_scales(mults: dict[str, float]) -> Setup:
+    """Scale the optimizer's step of the named SAE parameters."""
+
+    def setup(trainer: Any, sae: Any) -> None:
+        scale_steps(trainer.optimizer, {getattr(sae, n): m for n, m in mults.items()})
+
+    return setup
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", nargs="+", default=["poly2", "gauge", "poly2+warm=300"])
@@ -171,6 +182,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 if k_ == "gsched":
                     s0, t0_ = val.split(":")
                     setup = make_sched(float(s0), int(t0_))
+                if k_ == "lr":
+                    setup = make_lr_scales(
+                        {n: float(m) for n, m in (item.split(":") for item in val.split(","))}
+                    )
             if warm is not None:
                 setup = make_setup(warm, source, refit)
             c = bench.Contender(name, kind, order, tuple(kw.items()))

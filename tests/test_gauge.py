@@ -10,7 +10,7 @@ import torch
 
 from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig, orthogonality_error
 from polysae_lens.inclass import InClassConfig, build_in_class, oracle_sae
-from polysae_lens.stiefel import cayley, gauge_gradient
+from polysae_lens.stiefel import cayley, gauge_gradient, interaction_rank, turn_along_gauge
 
 D_IN, D_SAE, RANKS, K = 10, 30, (8, 3, 2), 3
 
@@ -80,6 +80,108 @@ def test_cayley_is_orthogonal() -> None:
     torch.testing.assert_close(Q.T @ Q, torch.eye(6), atol=1e-5, rtol=0)
 
 
+def dense_cayley(S: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(S.shape[0], dtype=S.dtype)
+    return torch.linalg.solve(eye + S / 2, eye - S / 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("rows", "rank"), [(3, 8), (1, 8), (8, 8), (5, 12)])
+def test_turn_along_gauge_matches_the_dense_rotation(
+    rows: int, rank: int, dtype: torch.dtype
+) -> None:
+    gen = torch.Generator().manual_seed(rows * rank)
+    U = torch.linalg.qr(torch.randn(40, rank, generator=gen, dtype=torch.float64))[0]
+    C1 = torch.randn(rank, 7, generator=gen, dtype=torch.float64)
+    A = torch.randn(rank, rank, generator=gen, dtype=torch.float64)
+    S = 0.5 * (A - A.T)
+    S[rows:, rows:] = 0  # the orbit directions the interaction terms do not see
+    Q = dense_cayley(S)
+    turned = turn_along_gauge(U.to(dtype), C1.to(dtype), S[:rows].to(dtype))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert turned.U_FR.dtype == dtype and turned.C1_RD.dtype == dtype
+    torch.testing.assert_close(turned.U_FR.double(), U @ Q, atol=tol, rtol=0)
+    torch.testing.assert_close(turned.C1_RD.double(), Q.T @ C1, atol=tol * 10, rtol=0)
+    torch.testing.assert_close(
+        turned.U_FR.double() @ turned.C1_RD.double(), U @ C1, atol=tol * 10, rtol=0
+    )
+
+
+def test_turn_along_gauge_by_zero_is_the_identity() -> None:
+    U = torch.linalg.qr(torch.randn(20, 6, dtype=torch.float64))[0]
+    C1 = torch.randn(6, 4, dtype=torch.float64)
+    turned = turn_along_gauge(U, C1, torch.zeros(2, 6, dtype=torch.float64))
+    assert torch.equal(turned.U_FR, U) and torch.equal(turned.C1_RD, C1)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_gauge_gradient_rows_are_those_of_the_full_skew_part(rank: int) -> None:
+    gen = torch.Generator().manual_seed(rank)
+    U, dU = (torch.randn(D_SAE, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    C1, dC1 = (torch.randn(8, D_IN, generator=gen, dtype=torch.float64) for _ in range(2))
+    full = torch.zeros(8, 8, dtype=torch.float64)
+    for i in range(8):  # the skew part of U^T dU + C1 dC1^T, entry by entry
+        for j in range(8):
+            m_ij = (U[:, i] * dU[:, j]).sum() + (C1[i] * dC1[j]).sum()
+            m_ji = (U[:, j] * dU[:, i]).sum() + (C1[j] * dC1[i]).sum()
+            full[i, j] = (m_ij - m_ji) / 2
+    got = gauge_gradient(U, dU, C1, dC1, rank)
+    assert got.shape == (rank, 8)
+    torch.testing.assert_close(got, full[:rank], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(("order", "expected"), [(2, RANKS[1]), (3, max(RANKS[1:]))])
+def test_interaction_rank_is_what_the_interaction_terms_read(order: int, expected: int) -> None:
+    assert interaction_rank(make(order)) == expected
+
+
+def test_one_gauge_step_is_an_adam_step_along_the_full_orbit() -> None:
+    """The package's step (interaction rows only, low-rank turn) against Adam's
+    first step written out on the full R1 x R1 orbit gradient with the rows the
+    quadratic term does not read set to zero."""
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(4))
+    # no retraction: it would act on U Q in one and on U in the other
+    sae = make(gauge_lr_scale=2.0, stiefel_every_n_steps=0)
+    ref = make(gauge_lr_scale=0.0, stiefel_every_n_steps=0)
+    ref.load_state_dict(sae.state_dict())
+    for model in (sae, ref):
+        (model(x) - x).pow(2).sum(-1).mean().backward()
+    opt, opt_ref = (torch.optim.Adam(m.parameters(), lr=1e-2) for m in (sae, ref))
+    U0, C10 = sae.U.detach().double().clone(), sae.C1.detach().double().clone()
+    dU, dC1 = sae.U.grad.double(), sae.C1.grad.double()
+    M = U0.T @ dU + C10 @ dC1.T
+    G = (M - M.T) / 2
+    r = RANKS[1]
+    G[r:, r:] = 0
+    step = G / (G.abs() + 1e-8)  # Adam's first step: m_hat / (sqrt(v_hat) + eps)
+    Q = dense_cayley(1e-2 * 2.0 * step)
+    opt.step()
+    opt_ref.step()  # the same optimizer step without the turn
+    # the turn acts on the post-step U and C1 of the reference
+    torch.testing.assert_close(sae.U.double(), ref.U.double() @ Q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sae.C1.double(), Q.T @ ref.C1.double(), atol=1e-5, rtol=0)
+
+
+def test_gauge_moments_saved_before_rows_were_dropped_still_resume() -> None:
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(0))
+    sae = make(gauge_lr_scale=1.0)
+    opt = _steps(sae, x, 2)
+    state = opt.state[sae.U]
+    kept = state["gauge_exp_avg"].clone()
+    # the earlier layout: [R1, R1], with the kept rows first
+    full = torch.zeros(RANKS[0], RANKS[0])
+    full[: RANKS[1]] = kept
+    state["gauge_exp_avg"] = full
+    state["gauge_exp_avg_sq"] = torch.cat(
+        [state["gauge_exp_avg_sq"], torch.zeros(RANKS[0] - RANKS[1], RANKS[0])]
+    )
+    opt.zero_grad()
+    (sae(x) - x).pow(2).sum(-1).mean().backward()
+    opt.step()
+    assert state["gauge_exp_avg"].shape == (RANKS[1], RANKS[0])
+    assert state["gauge_step"] == 3
+
+
 def _steps(sae: PolyTopKTrainingSAE, x: torch.Tensor, n: int) -> torch.optim.Adam:
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for _ in range(n):
@@ -96,7 +198,8 @@ def test_gauge_step_keeps_u_orthonormal_and_stores_its_moments_with_u() -> None:
     assert orthogonality_error(sae.U) < 1e-5
     state = opt.state[sae.U]
     assert state["gauge_step"] == 3
-    assert state["gauge_exp_avg"].shape == (RANKS[0], RANKS[0])
+    # only the orbit rows the quadratic term sees (R2) carry moments
+    assert state["gauge_exp_avg"].shape == (RANKS[1], RANKS[0])
     off = make(gauge_lr_scale=0.0)
     opt_off = _steps(off, x, 3)
     assert "gauge_exp_avg" not in opt_off.state[off.U]

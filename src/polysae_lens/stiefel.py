@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -342,18 +342,50 @@ def gauge_step_scale(sae: nn.Module) -> float:
     return float(getattr(cfg, "gauge_lr_scale", 0.0))
 
 
-def gauge_gradient(U_FR: Tensor, dU_FR: Tensor, C1_RD: Tensor, dC1_RD: Tensor) -> Tensor:
-    """The loss's gradient along the gauge orbit ``U -> U Q, C1 -> Q^T C1``.
+def interaction_rank(sae: nn.Module) -> int:
+    """How many leading columns of U the interaction terms read: R2 at order 2,
+    max(R2, R3) at order 3 (R1 for modules without ``cfg.ranks``)."""
+    U = _projection(sae)
+    cfg = getattr(sae, "cfg", None)
+    ranks = getattr(cfg, "ranks", None)
+    if ranks is None:
+        return int(U.shape[1])
+    order = int(getattr(cfg, "poly_order", 2))
+    return int(max(ranks[1 : max(order, 2)]))
+
+
+def gauge_gradient(
+    U_FR: Tensor, dU_FR: Tensor, C1_RD: Tensor, dC1_RD: Tensor, rank: int | None = None
+) -> Tensor:
+    """The loss's gradient along the gauge orbit ``U -> U Q, C1 -> Q^T C1``:
+    its first ``rank`` rows (default all R1), shape [rank, R1].
 
     For ``Q = I + Omega`` (Omega skew, R1 x R1) the loss changes by
     ``<U^T dL/dU + C1 dL/dC1^T, Omega>``, so the gradient is the skew part of
     that matrix. The orbit leaves the first-order decoder ``U @ C1`` unchanged,
     so the linear term's contributions cancel: what remains is the interaction
     terms' pull on the basis of U, the signal that tells the first R2 columns
-    which directions to square.
+    which directions to square. Those terms read only the first ``rank``
+    columns of U, so rows and columns past ``rank`` of the full gradient are
+    zero up to rounding (only the first ``rank`` rows are computed: the rest
+    follows by skew symmetry).
     """
-    M_RR = U_FR.T.float() @ dU_FR.float() + C1_RD.float() @ dC1_RD.T.float()
-    return (M_RR - M_RR.T) / 2
+    r = U_FR.shape[1] if rank is None else rank
+    dtype = _at_least_float32(U_FR.dtype)
+    U, dU, C1, dC1 = (t.to(dtype) for t in (U_FR, dU_FR, C1_RD, dC1_RD))
+    top_rR = U[:, :r].T @ dU + C1[:r] @ dC1.T  # rows :r of U^T dU + C1 dC1^T
+    left_Rr = U.T @ dU[:, :r] + C1 @ dC1[:r].T  # its columns :r
+    gamma_rR = (top_rR - left_Rr.T) / 2
+    # the two products round differently: make the leading block exactly skew
+    # (a rounding-sized diagonal would become a full-sized Adam step)
+    lead_rr = gamma_rR[:, :r]
+    gamma_rR[:, :r] = (lead_rr - lead_rr.T) / 2
+    return gamma_rR
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision weights are turned in float32; float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def cayley(step_RR: Tensor) -> Tensor:
@@ -362,10 +394,52 @@ def cayley(step_RR: Tensor) -> Tensor:
     return torch.linalg.solve(eye_RR + step_RR / 2, eye_RR - step_RR / 2)
 
 
+class GaugeTurn(NamedTuple):
+    """``U`` and ``C1`` after a turn along the gauge orbit."""
+
+    U_FR: Tensor
+    """``U @ Q`` [d_sae, R1]."""
+    C1_RD: Tensor
+    """``Q^T @ C1`` [R1, d_in]."""
+
+
+def turn_along_gauge(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> GaugeTurn:
+    """``U Q`` and ``Q^T C1`` for the Cayley rotation ``Q = cayley(S)`` of the
+    skew matrix S whose first r rows are ``step_rR`` and whose other entries
+    are zero but for ``S[r:, :r] = -step_rR[:, r:]^T``.
+
+    ``I - Q`` then has rank at most 2r: with ``S = X Y^T``, ``X = [E, F]``,
+    ``Y = [step^T, E]`` (E the first r columns of I, ``F = [0; -B^T]``,
+    ``B = step_rR[:, r:]``), Woodbury gives ``Q = I - X K Y^T`` with
+    ``K = (I + Y^T X / 2)^-1`` (2r x 2r), so turning U costs about
+    ``2 d_sae r R1`` multiply-adds instead of ``d_sae R1^2``.
+    """
+    r = step_rR.shape[0]
+    dtype = _at_least_float32(U_FR.dtype)
+    step_rR = step_rR.to(dtype)
+    A_rr, B_rQ = step_rR[:, :r], step_rR[:, r:]
+    eye_rr = torch.eye(r, dtype=step_rR.dtype, device=step_rR.device)
+    YtX = torch.cat(
+        [torch.cat([A_rr, -B_rQ @ B_rQ.T], 1), torch.cat([eye_rr, torch.zeros_like(eye_rr)], 1)]
+    )
+    K = torch.linalg.inv(torch.eye(2 * r, dtype=YtX.dtype, device=YtX.device) + YtX / 2)
+    U = U_FR.to(dtype)
+    UX_F2r = torch.cat([U[:, :r], -(U[:, r:] @ B_rQ.T)], 1)
+    W_F2r = UX_F2r @ K
+    new_U = U - W_F2r[:, :r] @ step_rR
+    new_U[:, :r] -= W_F2r[:, r:]
+    C1 = C1_RD.to(dtype)
+    XtC1 = torch.cat([C1[:r], -(B_rQ @ C1[r:])])
+    T_2rD = K.T @ XtC1  # Q^T C1 = C1 - Y K^T X^T C1
+    new_C1 = C1 - step_rR.T @ T_2rD[:r]
+    new_C1[:r] -= T_2rD[r:]
+    return GaugeTurn(new_U.to(U_FR.dtype), new_C1.to(C1_RD.dtype))
+
+
 @torch.no_grad()
-def gauge_step_(sae: nn.Module, optimizer: Optimizer, gamma_RR: Tensor, scale: float) -> None:
-    """Turn U and C1 along the gauge orbit by an Adam step on ``gamma_RR``
-    (:func:`gauge_gradient`, taken before the optimizer's step).
+def gauge_step_(sae: nn.Module, optimizer: Optimizer, gamma_rR: Tensor, scale: float) -> None:
+    """Turn U and C1 along the gauge orbit by an Adam step on ``gamma_rR``
+    (the first rows of :func:`gauge_gradient`, taken before the optimizer's step).
 
     U's own Adam step does this only slowly: U's second moments are set mostly
     by the linear term's gradient, which is much larger than the interaction
@@ -377,7 +451,10 @@ def gauge_step_(sae: nn.Module, optimizer: Optimizer, gamma_RR: Tensor, scale: f
     ``gauge_step``, so they are checkpointed with it), with the betas, eps and
     learning rate of U's parameter group times ``scale``. The rotation
     ``Q = cayley(lr * scale * m_hat / (sqrt(v_hat) + eps))`` is orthogonal, so
-    U stays on the manifold and U @ C1 is unchanged.
+    U stays on the manifold and U @ C1 is unchanged. Only the rows of the orbit
+    that the interaction terms see move (:func:`interaction_rank`); the rest of
+    the orbit only turns the linear term's basis, whose gradient is zero but for
+    rounding, which Adam's normalisation would blow up into turns of their own.
     """
     U = _projection(sae)
     C1 = getattr(sae, "C1", None)
@@ -388,19 +465,24 @@ def gauge_step_(sae: nn.Module, optimizer: Optimizer, gamma_RR: Tensor, scale: f
     eps = float(group.get("eps", 1e-8))
     state = optimizer.state[U]
     exp_avg = state.get("gauge_exp_avg")
+    if exp_avg is not None and exp_avg.shape != gamma_rR.shape:
+        # moments saved before only the interaction rows were kept: [R1, R1]
+        state["gauge_exp_avg"] = exp_avg[: gamma_rR.shape[0]].clone()
+        state["gauge_exp_avg_sq"] = state["gauge_exp_avg_sq"][: gamma_rR.shape[0]].clone()
+        exp_avg = state["gauge_exp_avg"]
     if exp_avg is None:
-        exp_avg = state["gauge_exp_avg"] = torch.zeros_like(gamma_RR)
-        state["gauge_exp_avg_sq"] = torch.zeros_like(gamma_RR)
+        exp_avg = state["gauge_exp_avg"] = torch.zeros_like(gamma_rR)
+        state["gauge_exp_avg_sq"] = torch.zeros_like(gamma_rR)
         state["gauge_step"] = 0
     exp_avg_sq = state["gauge_exp_avg_sq"]
     state["gauge_step"] = step = int(state["gauge_step"]) + 1
-    exp_avg.mul_(beta1).add_(gamma_RR, alpha=1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(gamma_RR, gamma_RR, value=1 - beta2)
-    # m and v are skew and symmetric, so the normalised step is skew again
-    step_RR = (exp_avg / (1 - beta1**step)) / ((exp_avg_sq / (1 - beta2**step)).sqrt() + eps)
-    Q_RR = cayley(float(group["lr"]) * scale * step_RR)
-    U.copy_((U.float() @ Q_RR).to(U.dtype))
-    C1.copy_((Q_RR.T @ C1.float()).to(C1.dtype))
+    exp_avg.mul_(beta1).add_(gamma_rR, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(gamma_rR, gamma_rR, value=1 - beta2)
+    # m and v have a skew and a symmetric leading block, so the step is skew there
+    step_rR = (exp_avg / (1 - beta1**step)) / ((exp_avg_sq / (1 - beta2**step)).sqrt() + eps)
+    turned = turn_along_gauge(U, C1, float(group["lr"]) * scale * step_rR)
+    U.copy_(turned.U_FR)
+    C1.copy_(turned.C1_RD)
 
 
 @torch.no_grad()
@@ -518,8 +600,10 @@ def _snapshot_scaled_steps(optimizer: Optimizer, targets: list[weakref.ref[nn.Mo
         ):
             # before the step: the linear term cancels only at the point where
             # the gradients were taken
-            gamma_RR = gauge_gradient(U.detach(), U.grad, C1.detach(), C1.grad)
-            gauges.append((sae, gamma_RR, gauge_scale))
+            gamma_rR = gauge_gradient(
+                U.detach(), U.grad, C1.detach(), C1.grad, interaction_rank(sae)
+            )
+            gauges.append((sae, gamma_rR, gauge_scale))
     _SNAPSHOTS[optimizer] = snapshots
     _GAUGE_GRADIENTS[optimizer] = gauges
 
@@ -528,8 +612,8 @@ def _snapshot_scaled_steps(optimizer: Optimizer, targets: list[weakref.ref[nn.Mo
 def _finish_step(optimizer: Optimizer, targets: list[weakref.ref[nn.Module]]) -> None:
     for param, before, scale in _SNAPSHOTS.pop(optimizer, []):
         param.copy_(before + scale * (param - before))
-    for turned, gamma_RR, scale in _GAUGE_GRADIENTS.pop(optimizer, []):
-        gauge_step_(turned, optimizer, gamma_RR, scale)
+    for turned, gamma_rR, scale in _GAUGE_GRADIENTS.pop(optimizer, []):
+        gauge_step_(turned, optimizer, gamma_rR, scale)
     for ref in targets:
         sae = ref()
         if sae is not None:
