@@ -6,7 +6,8 @@ of atoms matched at B and 4B. Variant syntax: ``poly2``, ``gauge`` (``gauge_lr_s
 ``topk``, ``oracle``, plus any of ``+gauge=S``, ``+warm=T`` (spectral warm start of the
 quadratic subspace after step T), ``+norefit`` (without refitting C2), ``+l2=V``
 (``lambda2_init``), ``+gsched=S:T`` (gauge scale S until step T, then the configured one),
-``+lr=NAME:M,...`` (parameter NAME's optimizer step times M, e.g. ``+lr=C2:3,lambda2:3``).
+``+lr=NAME:M,...`` (parameter NAME's optimizer step times M, e.g. ``+lr=C2:3,lambda2:3``),
+``+dfw=N`` (the trainer's ``dead_feature_window``, SAELens's default 1000).
 
 Run from the repository root (one thread, ~1 min per 6000-step run)::
 
@@ -130,6 +131,24 @@ def make_sched(early: float, until: int) -> Setup:
     return setup
 
 
+def make_dead_window(window: int) -> Setup:
+    """The trainer's ``dead_feature_window`` (steps without firing before AuxK
+    treats a latent as dead)."""
+
+    def setup(trainer: Any, sae: Any) -> None:
+        trainer.cfg.dead_feature_window = window
+
+    return setup
+
+
+def combined(setups: list[Setup]) -> Setup:
+    def setup(trainer: Any, sae: Any) -> None:
+        for one in setups:
+            one(trainer, sae)
+
+    return setup
+
+
 def make_lr_scales(mults: dict[str, float]) -> Setup:
     """Scale the optimizer's step of the named SAE parameters."""
 
@@ -156,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         metric = None if args.linear else bench.recovery_metric(truth)
         for v in args.variants:
             kw: dict[str, Any] = {}
-            setup: Setup | None = None
+            setups: list[Setup] = []
             name = v
             # syntax: base[+gauge=S][+warm=T][+norefit][+l2=V][+gsched=S:T] (module docstring)
             parts = v.split("+")
@@ -167,6 +186,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 kind = "oracle"
             elif parts[0] == "gauge":
                 kw["gauge_lr_scale"] = 1.0
+            elif parts[0] == "poly1":
+                order = 1
             warm = None
             refit = True
             for p in parts[1:]:
@@ -181,14 +202,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     kw["lambda2_init"] = float(val)
                 if k_ == "gsched":
                     s0, t0_ = val.split(":")
-                    setup = make_sched(float(s0), int(t0_))
+                    setups.append(make_sched(float(s0), int(t0_)))
+                if k_ == "dfw":
+                    setups.append(make_dead_window(int(val)))
                 if k_ == "lr":
-                    setup = make_lr_scales(
-                        {n: float(m) for n, m in (item.split(":") for item in val.split(","))}
+                    setups.append(
+                        make_lr_scales(
+                            {n: float(m) for n, m in (item.split(":") for item in val.split(","))}
+                        )
                     )
             if warm is not None:
-                setup = make_setup(warm, source, refit)
+                setups.append(make_setup(warm, source, refit))
             c = bench.Contender(name, kind, order, tuple(kw.items()))
+            setup = combined(setups) if setups else None
             t0 = time.perf_counter()
             steps = args.budget * args.mult
             cps = [b for b in (args.budget, 4 * args.budget) if b < steps]

@@ -22,6 +22,7 @@ from polysae_lens.distributed import DistributedConfig, local_batch_size
 from polysae_lens.distributed.data import shard_activations_store, shard_dataset
 
 from . import distributed_workers as workers
+from .compare import relative_error
 from .spawn import spawn_ranks, torchrun_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,10 +48,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     procs, _ = _spawn(out_dir, list(workers.SCENARIOS), fail_rank=None)
     assert [p.exitcode for p in procs] == [0, 0]
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(workers.WORLD_SIZE)]
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("name", workers.EXACT_SCENARIOS)

@@ -16,6 +16,7 @@ import torch
 from polysae_lens.distributed.sharded import shard_bounds
 
 from . import sharded_workers as workers
+from .compare import relative_error
 from .spawn import run_ranks
 
 SPAWN_TIMEOUT_S = 120
@@ -31,10 +32,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         SPAWN_TIMEOUT_S,
         Path(out_dir),
     )
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 SHARDED = {"W_enc": 1, "b_enc": 0, "U": 0}

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from . import sharded_training_workers as workers
+from .compare import relative_error
 from .lm_fixtures import SMALL_CORPUS_WARNINGS
 from .spawn import run_ranks, torchrun_train
 
@@ -50,10 +51,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, A
 @pytest.fixture(scope="module")
 def reference() -> dict[str, Any]:
     return workers.train_reference()
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("name", list(workers.MESHES))
@@ -146,7 +143,9 @@ def test_checkpoint_is_an_ordinary_polysae(
     assert inference.cfg.d_sae == workers.D_SAE
     for key, value in gathered.items():
         assert torch.equal(training.state_dict()[key], value), key
-        assert torch.equal(inference.state_dict()[key], value), key
+        if key != "steps_since_fired":  # AuxK's count is training state
+            assert torch.equal(inference.state_dict()[key], value), key
+    assert "steps_since_fired" in gathered and "steps_since_fired" not in inference.state_dict()
     shards = workers.MESHES[name][1]
     assert sorted(p.name for p in saved.glob("trainer_state.shard*")) == [
         f"trainer_state.shard{r}of{shards}.pt" for r in range(shards)
@@ -197,7 +196,10 @@ def test_entry_point_trains_sharded_like_data_parallel(
     # equal: the language-model path's data order after a resume is not
     # bit-identical; the trainer-level resume above is exact)
     for key, value in sharded.items():
-        assert relative_error(resumed[key], value) < relative_error(at_checkpoint[key], value), key
+        if value.is_floating_point():  # not AuxK's counts
+            assert relative_error(resumed[key], value) < relative_error(
+                at_checkpoint[key], value
+            ), key
 
 
 # ---- refusals, before anything loads --------------------------------------------------

@@ -179,6 +179,7 @@ class _PolyTrainingDefaults:
         c1_init: "orthogonal" (default; sqrt(2) x orthonormal rows) or "kaiming".
         c1_lr_scale: factor on C1's optimizer step; default d_sae / R1, 1.0 = paper.
         gauge_lr_scale: learning rate of the gauge step turning U's basis (0 = off, paper).
+        aux_dead_window: AuxK also takes latents silent for this many steps (0: trainer's only).
         stiefel_every_n_steps: retract U after every n-th optimizer step (0: never).
         stiefel_method: "cholesky_qr" (default) or "qr"; both give the same Q.
         stiefel_project_moments: also project Adam's first moment onto the tangent space.
@@ -223,6 +224,15 @@ class _PolyTrainingDefaults:
     interaction terms choose which directions of U they square, which U's own
     Adam step does only very slowly (``docs/inclass-plateau.md``). Only at
     order >= 2. 0 turns it off (the paper's model and update)."""
+    aux_dead_window: int = 100
+    """TopK, BatchTopK and Matryoshka PolySAEs: the AuxK loss also treats as
+    dead every latent that fired in none of the last ``aux_dead_window``
+    training steps, counted by the SAE itself (``steps_since_fired``,
+    :mod:`polysae_lens.dead_latents`), besides those the trainer's
+    ``dead_feature_window`` (SAELens default 1000) names. PolySAE's losing
+    latents keep firing now and then instead of dying, so the trainer's window
+    alone never hands them to AuxK (``docs/inclass-plateau.md``). 0 keeps the
+    trainer's mask only (SAELens's and the paper's behaviour)."""
     stiefel_every_n_steps: int = 1
     """Retract U onto the Stiefel manifold after every n-th optimizer step. The
     paper retracts after every step (1, the default); 0 disables the retraction
@@ -281,6 +291,13 @@ class _PolyTrainingDefaults:
             raise ValueError(
                 f"gauge_lr_scale={gauge!r} must be a finite number >= 0 (0 turns the gauge "
                 "step off)."
+            )
+        window = self.aux_dead_window
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            raise ValueError(
+                f"aux_dead_window={window!r} must be an integer >= 0 (steps without firing "
+                "before AuxK treats a latent as dead; 0 keeps only the trainer's "
+                "dead_feature_window)."
             )
         if self.stiefel_method not in STIEFEL_METHODS:
             raise ValueError(

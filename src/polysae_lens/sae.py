@@ -49,6 +49,8 @@ from polysae_lens.config import (
     PolyTopKSAEConfig,
     PolyTopKTrainingSAEConfig,
 )
+from polysae_lens.dead_latents import BUFFER as FIRE_COUNTER
+from polysae_lens.dead_latents import count_step_, register_counter, with_dead_mask
 from polysae_lens.init import initial_weights
 from polysae_lens.polynomial import (
     PolyDecoderWeights,
@@ -331,22 +333,50 @@ class PolyDecoderMixin(_Base):
 
     # ---- loading ---------------------------------------------------------
 
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        # torch's load_state_dict too: weights without AuxK's count (gathered
+        # sharded checkpoints, inference files) load into a training SAE with
+        # every count at 0, and training weights into an inference SAE
+        _adapt_fire_counter(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
+
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_loading(state_dict)
+        _adapt_fire_counter(self, state_dict)
         _check_state_dict(self, state_dict)
 
 
 class PolyTrainingMixin(PolyDecoderMixin):
     """Training behaviour shared by every PolySAE training class."""
 
+    keeps_fire_counter: ClassVar[bool] = False
+    """Whether the class keeps ``steps_since_fired`` for its AuxK loss
+    (:mod:`polysae_lens.dead_latents`): the TopK family."""
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        if self.keeps_fire_counter:
+            register_counter(self, self.cfg.d_sae, self.device)
+
+    @override
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)
+        state_dict.pop(FIRE_COUNTER, None)  # training state, as Adam's
+
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         check_finite_input(step_input.sae_in)
+        counter_F = getattr(self, FIRE_COUNTER, None) if self.keeps_fire_counter else None
+        if counter_F is not None:
+            step_input = with_dead_mask(step_input, counter_F, self.cfg.aux_dead_window)
         if self.sparse_kernels and self._sparse_step_supported() and not _has_hooks(self):
             output = self._sparse_training_forward_pass(step_input)
         else:
             output = super().training_forward_pass(step_input)
+        if counter_F is not None:
+            count_step_(counter_F, output.feature_acts)
         if step_input.is_logging_step:
             output.metrics.update(self.decoder_metrics(output.feature_acts))
         return output
@@ -524,6 +554,7 @@ class PolyTopKTrainingSAE(PolyTrainingMixin, TopKTrainingSAE):
     """TopK PolySAE for training (``"poly"``), the paper's main setting."""
 
     cfg: PolyTopKTrainingSAEConfig  # type: ignore[assignment]
+    keeps_fire_counter = True
 
     @override
     def _sparse_step_supported(self) -> bool:
@@ -575,6 +606,7 @@ class PolyBatchTopKTrainingSAE(PolyTrainingMixin, BatchTopKTrainingSAE):
     """
 
     cfg: PolyBatchTopKTrainingSAEConfig  # type: ignore[assignment]
+    keeps_fire_counter = True
 
     @override
     def _sparse_step_supported(self) -> bool:
@@ -837,6 +869,23 @@ def _has_hooks(sae: nn.Module) -> bool:
 
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
+def _adapt_fire_counter(module: nn.Module, state_dict: Any, prefix: str = "") -> None:
+    """Checkpoints without ``steps_since_fired`` (inference files, files from
+    before it existed, converted or gathered weights) load into a training SAE
+    with every count at 0; training checkpoints load into inference SAEs without it."""
+    key = prefix + FIRE_COUNTER
+    counter = getattr(module, FIRE_COUNTER, None)
+    if isinstance(counter, Tensor):
+        if key not in state_dict:
+            # on the CPU: the module may still be on the meta device
+            state_dict[key] = torch.zeros(counter.shape, dtype=counter.dtype)
+        elif state_dict[key].dtype != counter.dtype:
+            # loaders that cast every tensor to the SAE's dtype: counts stay integers
+            state_dict[key] = state_dict[key].round().to(counter.dtype)
+    else:
+        state_dict.pop(key, None)
 
 
 def _check_state_dict(module: nn.Module, state_dict: dict[str, Any]) -> None:

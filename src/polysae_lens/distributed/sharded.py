@@ -320,6 +320,9 @@ class ShardedPolyConfig:
     """Encode ``x - b_dec`` (SAELens's option) instead of ``x``."""
     c1_step_scale: float
     """Factor on C1's optimizer step (the resolved ``c1_lr_scale``)."""
+    aux_dead_window: int = 0
+    """AuxK also takes latents silent for this many steps (0: the trainer's
+    window only); the sharded trainer counts them per slice."""
 
 
 class ShardedForward(NamedTuple):
@@ -467,6 +470,7 @@ def sharded_config(sae: nn.Module) -> ShardedPolyConfig:
         poly_order=cfg.poly_order,
         apply_b_dec_to_input=bool(cfg.apply_b_dec_to_input),
         c1_step_scale=c1_step_scale(sae),
+        aux_dead_window=int(getattr(cfg, "aux_dead_window", 0)),
     )
 
 

@@ -41,6 +41,7 @@ from sae_lens.training.sae_trainer import Evaluator, SAETrainer, SaveCheckpointF
 from sae_lens.training.types import DataProvider
 from torch import Tensor, nn
 
+from polysae_lens.dead_latents import dead_mask, set_steps_since_fired_
 from polysae_lens.distributed.data import local_batch_size
 from polysae_lens.distributed.mesh import LatentMesh
 from polysae_lens.distributed.sharded import (
@@ -250,7 +251,12 @@ class ShardedSAETrainer(StopAfterAgreedStep, SAETrainer[Any, Any]):
             output = sae.training_forward_pass(
                 step_input=TrainStepInput(
                     sae_in=sae_in,
-                    dead_neuron_mask=self.dead_neurons,
+                    # the slice's own count is the SAE's aux_dead_window count
+                    dead_neuron_mask=dead_mask(
+                        self.dead_neurons,
+                        self.n_forward_passes_since_fired,
+                        self.shard.cfg.aux_dead_window,
+                    ),
                     coefficients=self.get_coefficients(),
                     n_training_steps=self.n_training_steps,
                     is_logging_step=self._is_logging_step(),
@@ -332,6 +338,7 @@ class ShardedSAETrainer(StopAfterAgreedStep, SAETrainer[Any, Any]):
         """The whole trained SAE on rank 0 (on CPU, an ordinary PolySAE),
         ``None`` elsewhere. Collective over every rank."""
         state = gather_poly_sae(self.shard) if self.mesh.dp_rank == 0 else None
+        since_fired = self._gather_latent_vector(self.n_forward_passes_since_fired)
         if not self.mesh.is_main:
             return None
         assert state is not None
@@ -344,6 +351,8 @@ class ShardedSAETrainer(StopAfterAgreedStep, SAETrainer[Any, Any]):
         with torch.random.fork_rng(devices=[]):
             sae = TrainingSAE.from_dict(full_cfg.to_dict())
         sae.load_state_dict({k: v.to("cpu", sae.dtype) for k, v in state.items()})
+        assert since_fired is not None
+        set_steps_since_fired_(sae, since_fired)  # AuxK's count: the slices' counts
         sae.cfg.metadata = full_cfg.metadata
         return sae
 
@@ -351,7 +360,13 @@ class ShardedSAETrainer(StopAfterAgreedStep, SAETrainer[Any, Any]):
     def gather_log_feature_sparsity(self) -> Tensor | None:
         """SAELens's ``log_feature_sparsity`` of the whole SAE on rank 0
         (``None`` elsewhere). Collective over every rank."""
-        mine = self.log_feature_sparsity.to(self.sae.device, torch.float32)
+        return self._gather_latent_vector(self.log_feature_sparsity)
+
+    @torch.no_grad()
+    def _gather_latent_vector(self, mine_L: Tensor) -> Tensor | None:
+        """This slice's per-latent vector concatenated over the slices, in
+        float32 on rank 0's CPU (``None`` elsewhere). Collective over every rank."""
+        mine = mine_L.to(self.sae.device, torch.float32)
         bounds = self.shard.bounds
         widest = shard_bounds(bounds.d_sae, self.mesh.shards, 0).width
         padded = mine.new_zeros(widest)

@@ -24,6 +24,7 @@ from sae_lens.saes.sae import T_TRAINING_SAE, T_TRAINING_SAE_CONFIG, TrainStepOu
 from sae_lens.training.sae_trainer import Evaluator, SAETrainer, SaveCheckpointFn
 from sae_lens.training.types import DataProvider
 
+from polysae_lens.dead_latents import set_steps_since_fired_
 from polysae_lens.distributed.data import local_batch_size
 from polysae_lens.distributed.grads import ddp_training_forward
 from polysae_lens.distributed.process_group import DistributedContext
@@ -157,6 +158,8 @@ class DistributedSAETrainer(StopAfterAgreedStep, SAETrainer[T_TRAINING_SAE, T_TR
         )
         self.act_freq_scores = stats.act_freq_scores_F
         self.n_forward_passes_since_fired = stats.since_fired_F
+        # the SAE's own count (AuxK's aux_dead_window) is the same global count
+        set_steps_since_fired_(self.sae, stats.since_fired_F)
         self.stop_agreed = stats.stop_requested
         return output
 
