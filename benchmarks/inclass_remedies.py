@@ -7,7 +7,8 @@ of atoms matched at B and 4B. Variant syntax: ``poly2``, ``gauge`` (``gauge_lr_s
 quadratic subspace after step T), ``+norefit`` (without refitting C2), ``+l2=V``
 (``lambda2_init``), ``+gsched=S:T`` (gauge scale S until step T, then the configured one),
 ``+lr=NAME:M,...`` (parameter NAME's optimizer step times M, e.g. ``+lr=C2:3,lambda2:3``),
-``+dfw=N`` (the trainer's ``dead_feature_window``, SAELens's default 1000).
+``+dfw=N`` (the trainer's ``dead_feature_window``, SAELens's default 1000),
+``+cfg=FIELD:VALUE`` (any PolySAE config field, a number).
 
 Run from the repository root (one thread, ~1 min per 6000-step run)::
 
@@ -203,6 +204,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 if k_ == "gsched":
                     s0, t0_ = val.split(":")
                     setups.append(make_sched(float(s0), int(t0_)))
+                if k_ == "cfg":
+                    field, _, number = val.partition(":")
+                    kw[field] = int(number) if number.lstrip("-").isdigit() else float(number)
                 if k_ == "dfw":
                     setups.append(make_dead_window(int(val)))
                 if k_ == "lr":

@@ -31,6 +31,21 @@ def test_quick_run_prints_every_contender_and_both_budgets(
         assert all(0 < v < 10 for v in r["mse"].values())
 
 
+def test_reports_merge_into_one_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for seed in (0, 1):
+        bench.main(["--quick", "--suite", "linear", "--seeds", str(seed), "--json",
+                    str(tmp_path / f"s{seed}.json")])  # fmt: skip
+    capsys.readouterr()
+    merged = bench.main(["--from-json", str(tmp_path / "s0.json"), str(tmp_path / "s1.json")])
+    out = capsys.readouterr().out
+    assert "linear data, seeds [0, 1] (from 2 reports)" in out
+    assert sorted({r["seed"] for r in merged["linear"]}) == [0, 1]
+    # two seeds: mean ± sd cells, from the same numbers the runs reported
+    topk = [r["mse"]["20"] for r in merged["linear"] if r["name"] == "topk"]
+    mean, sd = sum(topk) / 2, abs(topk[0] - topk[1]) / 2**0.5
+    assert f"| 20 | {mean:.3f} ± {sd:.3f} |" in out
+
+
 def test_contenders_are_configured_as_labelled() -> None:
     truth = build_in_class(bench.QUICK_CFG)
     built: dict[str, Any] = {
@@ -42,6 +57,8 @@ def test_contenders_are_configured_as_labelled() -> None:
     paper = built["poly2 paper"].cfg
     assert paper.c1_lr_scale == 1.0 and paper.c1_init == "kaiming"
     assert paper.gauge_lr_scale == 0.0
+    assert paper.aux_dead_window == 0  # SAELens's AuxK
+    assert built["poly2"].cfg.aux_dead_window == 100  # package default
     assert built["poly2 gauge"].cfg.gauge_lr_scale == 1.0
     assert getattr(paper, "init_preset", "authors") == "authors"
     assert built["poly2"].cfg.c1_lr_scale is None  # package defaults
