@@ -19,12 +19,17 @@ Peak memory is the peak resident set size (VmHWM, which starts afresh at exec)
 of a fresh subprocess that builds one contender and runs a few training steps,
 minus its size before building it. ``poly_every4`` retracts every 4th step;
 ``poly_gauge`` adds the opt-in gauge step (``gauge_lr_scale=1``, issue 13).
+``topk_auxk`` and ``poly_auxk`` are TopK and PolySAE steps with AuxK running:
+before each step 1% of the latents are marked silent for longer than the dead
+window (the trainer's count for TopK, PolySAE's own ``aux_dead_window`` count
+for PolySAE), as in a run with dead latents.
 
     python benchmarks/training_step.py            # GPT-2 small shape and a small shape
     python benchmarks/training_step.py --quick    # tiny shapes, a smoke run
     python benchmarks/training_step.py --autocast --shapes small   # bf16 autocast
     python benchmarks/training_step.py --shapes gpt2 --widths 4096 16384 65536 --ks 32 64 128
     python benchmarks/training_step.py --shapes gpt2 --contended busy   # slowdowns
+    python benchmarks/training_step.py --shapes gpt2 --contenders topk poly poly_gauge
 
 EleutherAI's sparsify (``SparseCoder``: fvu + AuxK, Adam) is timed beside them
 when it is importable (``pip install eai-sparsify``).
@@ -72,11 +77,16 @@ SHAPES = {
     "small": Shape("small", 128, 2048, 32, 1024, (128, 64, 64)),
     "tiny": Shape("tiny", 32, 256, 8, 128, (32, 8, 8)),
 }
-CONTENDERS = ("topk", "poly", "poly_every4", "poly_gauge", "poly_dense")
+CONTENDERS = ("topk", "poly", "poly_every4", "poly_gauge", "poly_dense", "topk_auxk", "poly_auxk")
+REQUIRED = ("topk", "poly")
+"""Contenders every timing needs (the ratios' base and the parts' source)."""
+AUXK_SHARE = 0.01
+"""Share of latents the ``*_auxk`` contenders mark dead before each step."""
 
 
 def build(contender: str, shape: Shape, training: bool, autocast: bool = False) -> Any:
     torch.manual_seed(0)
+    contender = contender.removesuffix("_auxk")
     if contender == "topk":
         if training:
             return TopKTrainingSAE(
@@ -143,7 +153,9 @@ def time_shape(
     batch = torch.randn(shape.batch, shape.d_in, generator=gen)
     trainers = {c: make_trainer(build(c, shape, True), shape, autocast) for c in contenders}
     inference = {
-        c: build(c, shape, False) for c in contenders if c not in ("poly_every4", "poly_gauge")
+        c: build(c, shape, False)
+        for c in contenders
+        if c not in ("poly_every4", "poly_gauge", "topk_auxk", "poly_auxk")
     }
     W_enc, b_enc = inference["topk"].W_enc.detach(), inference["topk"].b_enc.detach()
     poly = trainers["poly"].sae
@@ -176,12 +188,34 @@ def time_shape(
         "part/adam": lambda: adam.step(),
     }
     fns |= {f"train/{c}": (lambda t=t: t.step(batch)) for c, t in trainers.items()}
+    dead = torch.randperm(shape.d_sae, generator=gen)[: max(1, int(AUXK_SHARE * shape.d_sae))]
+    for c in ("topk_auxk", "poly_auxk"):
+        if c in trainers:
+            fns[f"train/{c}"] = with_dead_latents(trainers[c], dead, batch)
     if not autocast:
         fns |= {f"infer/{c}": infer(sae) for c, sae in inference.items()}
     sparsify = sparsify_fns(shape.d_in, shape.d_sae, shape.k, batch, autocast)
     if sparsify is not None:
         fns |= sparsify if not autocast else {"train/sparsify": sparsify["train/sparsify"]}
     return median_times(fns, repeats)
+
+
+def with_dead_latents(
+    trainer: SAETrainer[Any, Any], dead: torch.Tensor, batch: torch.Tensor
+) -> Callable[[], None]:
+    """A training step with ``dead`` marked silent past the dead window, so
+    AuxK runs: in the trainer's count (TopK) or PolySAE's own (``aux_dead_window``)."""
+    own = getattr(trainer.sae, "steps_since_fired", None)
+
+    def step() -> None:
+        with torch.no_grad():
+            if own is not None:
+                own[dead] = 10**6
+            else:
+                trainer.n_forward_passes_since_fired[dead] = 10**6
+        trainer.step(batch)
+
+    return step
 
 
 def cpu_model() -> str:
@@ -333,11 +367,19 @@ def main(argv: list[str] | None = None) -> None:
         help="time each shape again beside a competing process; print every slowdown",
     )
     parser.add_argument(
+        "--contenders",
+        nargs="+",
+        choices=CONTENDERS,
+        default=list(CONTENDERS),
+        help=f"training-step contenders to time ({', '.join(REQUIRED)} always are)",
+    )
+    parser.add_argument(
         "--sweep-only",
         action="store_true",
         help="only the --widths/--ks sweeps (around the first of --shapes)",
     )
     args = parser.parse_args(argv)
+    contenders = tuple(dict.fromkeys([*REQUIRED, *args.contenders]))
     shapes = [SHAPES["tiny"]] if args.quick else [SHAPES[name] for name in args.shapes]
     repeats = 2 if args.quick else args.repeats
     print(
@@ -345,14 +387,14 @@ def main(argv: list[str] | None = None) -> None:
         f"{cpu_model()} ({os.cpu_count()} logical CPUs), autocast={args.autocast}"
     )
     for shape in [] if args.sweep_only else shapes:
-        times = time_shape(shape, repeats, args.autocast)
+        times = time_shape(shape, repeats, args.autocast, contenders)
         memory = None
         if not args.no_memory and not args.autocast:
             memory = {c: peak_memory_mb(c, shape) for c in ("topk", "poly")}
         report(shape, times, memory)
         if args.contended:
             with contention(args.contended):
-                busy = time_shape(shape, repeats, args.autocast)
+                busy = time_shape(shape, repeats, args.autocast, contenders)
             report_slowdown(shape, times, busy, args.contended)
     swept = sweep_shapes(shapes[0], args.widths, args.ks)
     for axis in ("d_sae", "k"):

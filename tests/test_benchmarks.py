@@ -23,7 +23,7 @@ TINY = training_step.SHAPES["tiny"]
 @pytest.mark.parametrize("contender", training_step.CONTENDERS)
 def test_training_contenders_are_configured_as_labelled(contender: str) -> None:
     sae: Any = training_step.build(contender, TINY, training=True)
-    if contender == "topk":
+    if contender.startswith("topk"):
         assert not isinstance(sae, PolyTopKTrainingSAE)
         assert sae.cfg.rescale_acts_by_decoder_norm is False
         return
@@ -45,6 +45,30 @@ def test_every4_contender_retracts_only_every_fourth_step() -> None:
     assert [e <= 1e-5 for e in errors] == [False, False, False, True]
 
 
+@pytest.mark.parametrize("contender", ["topk_auxk", "poly_auxk"])
+def test_auxk_contenders_run_auxk_every_step(contender: str) -> None:
+    def aux_losses(marked: bool) -> list[float]:
+        sae: Any = training_step.build(contender, TINY, training=True)
+        trainer = training_step.make_trainer(sae, TINY, autocast=False)
+        seen: list[float] = []
+        forward = sae.training_forward_pass
+
+        def recording(step_input: Any) -> Any:
+            out = forward(step_input)
+            seen.append(float(out.losses["auxiliary_reconstruction_loss"]))
+            return out
+
+        sae.training_forward_pass = recording
+        x = torch.randn(TINY.batch, TINY.d_in, generator=torch.Generator().manual_seed(0))
+        step = training_step.with_dead_latents(trainer, torch.arange(3), x)
+        for _ in range(3):
+            step() if marked else trainer.step(x)
+        return seen
+
+    assert all(loss > 0 for loss in aux_losses(marked=True))
+    assert aux_losses(marked=False) == [0.0, 0.0, 0.0]  # fresh: nothing dead
+
+
 def test_quick_run_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
     training_step.main(["--quick", "--no-memory"])
     out = capsys.readouterr().out
@@ -52,6 +76,8 @@ def test_quick_run_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
         "encoder addmm (floor)",
         "poly part: retraction",
         "train/poly_every4",
+        "train/poly_auxk",
+        "train/topk_auxk",
         "infer/poly",
     ):
         assert row in out
