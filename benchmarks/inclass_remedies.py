@@ -8,7 +8,8 @@ quadratic subspace after step T), ``+norefit`` (without refitting C2), ``+l2=V``
 (``lambda2_init``), ``+gsched=S:T`` (gauge scale S until step T, then the configured one),
 ``+lr=NAME:M,...`` (parameter NAME's optimizer step times M, e.g. ``+lr=C2:3,lambda2:3``),
 ``+dfw=N`` (the trainer's ``dead_feature_window``, SAELens's default 1000),
-``+cfg=FIELD:VALUE`` (any PolySAE config field, a number).
+``+cfg=FIELD:VALUE`` (any PolySAE config field, a number), ``+c2norm`` (C2's Frobenius
+norm held at its initial value after every step: lambda2 carries the term's scale).
 
 Run from the repository root (one thread, ~1 min per 6000-step run)::
 
@@ -132,6 +133,19 @@ def make_sched(early: float, until: int) -> Setup:
     return setup
 
 
+def hold_c2_norm(trainer: Any, sae: Any) -> None:
+    """After every optimizer step, rescale C2 back to its initial Frobenius norm."""
+    norm0 = float(sae.C2.detach().norm())
+    opt = trainer.optimizer
+
+    @torch.no_grad()
+    def post(o: Any, args: Any, kwargs: Any) -> None:
+        if o is opt:
+            sae.C2.mul_(norm0 / sae.C2.norm().clamp_min(1e-12))
+
+    register_optimizer_step_post_hook(post)
+
+
 def make_dead_window(window: int) -> Setup:
     """The trainer's ``dead_feature_window`` (steps without firing before AuxK
     treats a latent as dead)."""
@@ -207,6 +221,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 if k_ == "cfg":
                     field, _, number = val.partition(":")
                     kw[field] = int(number) if number.lstrip("-").isdigit() else float(number)
+                if k_ == "c2norm":
+                    setups.append(hold_c2_norm)
                 if k_ == "dfw":
                     setups.append(make_dead_window(int(val)))
                 if k_ == "lr":

@@ -37,7 +37,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "(one seed), and data drawn from a random PolySAE decoder, with the opt-in gauge "
         "step and an oracle PolySAE started at the true decoder (3 seeds, judged against "
         "seed-to-seed noise). Measured on 2 CPU cores shared with other jobs (load average "
-        "1.7-3.3): 5.7 minutes (--quick: about 20 seconds)."
+        "1.0-1.5): 5.4 minutes (--quick: about 20 seconds)."
     )
     parser.add_argument("--out", default="polysae-demo", help="output directory (created)")
     parser.add_argument(
