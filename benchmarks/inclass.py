@@ -83,6 +83,8 @@ def paper_kwargs() -> dict[str, Any]:
     paper: dict[str, Any] = {"c1_lr_scale": 1.0, "gauge_lr_scale": 0.0}
     if "aux_dead_window" in fields:
         paper["aux_dead_window"] = 0  # SAELens's (and the paper's) AuxK
+    # (polysae_lens.config.PAPER_TRAINING_SETTINGS where the package has it; this
+    # script also runs against older checkouts)
     if "init_preset" in fields:
         return {"init_preset": "authors", **paper}
     return {"c1_init": "kaiming", **paper}

@@ -18,7 +18,7 @@ The equivalent command line::
 
     polysae-lens train --architecture poly --model_name gpt2 \\
         --hook_name blocks.8.hook_resid_post --d_in 768 --d_sae 16384 -k 64 \\
-        --poly_ranks 768 64 64 --init_preset authors --c1_lr_scale 1.0 ...
+        --poly_ranks 768 64 64 --init_preset authors --c1_lr_scale 1.0 --aux_dead_window 0 ...
 
 :func:`build_config` returns the configuration; keyword overrides replace any
 field of the runner config, of the SAE config or of the logging config, so the
@@ -60,6 +60,7 @@ PAPER_SAE: dict[str, Any] = {
     # package's defaults ("package", None) train faster (README "Training dynamics").
     "init_preset": "authors",
     "c1_lr_scale": 1.0,
+    "aux_dead_window": 0,  # SAELens's AuxK (the package's own window is off)
 }
 """The SAE fields of the paper's GPT-2 small run."""
 

@@ -359,6 +359,7 @@ def test_recipes_differ_only_in_the_polysae_init_and_c1_lr(sparsifier: str) -> N
     assert package.poly_ranks == paper.poly_ranks == (768, 64, 64)
     assert (package.init_preset, package.c1_lr_scale) == ("package", None)
     assert (paper.init_preset, paper.c1_lr_scale) == ("authors", 1.0)
+    assert (package.aux_dead_window, paper.aux_dead_window) == (100, 0)
 
 
 def test_parameter_counts_match_built_saes() -> None:

@@ -64,7 +64,8 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--paper-settings",
         action="store_true",
-        help="the authors' training (init_preset=authors, c1_lr_scale=1.0); default: "
+        help="the authors' training (init_preset=authors, c1_lr_scale=1.0, "
+        "aux_dead_window=0); default: "
         "the package's PolySAE training defaults",
     )
     what.add_argument("--seed", type=int, default=42, help="training seed of both SAEs (42)")

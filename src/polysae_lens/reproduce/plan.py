@@ -64,7 +64,8 @@ class ReproducePlan:
     sparsifier: str = "topk"
     """``topk``, ``batchtopk`` or ``matryoshka`` (both SAEs use it)."""
     paper_settings: bool = False
-    """True: the authors' recipe (``init_preset="authors"``, ``c1_lr_scale=1.0``);
+    """True: the authors' recipe (``init_preset="authors"``, ``c1_lr_scale=1.0``,
+    ``aux_dead_window=0``);
     False: the package's PolySAE training defaults. Everything else is the
     paper's in both (lr, batch, no rescaling, AuxK coefficient 1)."""
     training_tokens: int | None = None

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from polysae_lens.config import PAPER_TRAINING_SETTINGS
 from polysae_lens.reproduce.plan import (
     SAE_KINDS,
     PlanError,
@@ -129,8 +130,7 @@ def sae_config(plan: ReproducePlan, kind: str) -> Any:
     if kind == "poly":
         kwargs["poly_ranks"] = s.ranks
         if plan.paper_settings:
-            kwargs["init_preset"] = "authors"
-            kwargs["c1_lr_scale"] = 1.0
+            kwargs.update(PAPER_TRAINING_SETTINGS)
     return cfg_class(**kwargs)
 
 

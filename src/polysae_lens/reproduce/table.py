@@ -106,7 +106,7 @@ def format_table(results: dict[str, Any], *, title: str | None = None) -> str:
     lines.append("| " + " | ".join(paper_row) + " |")
     lines.append("")
     recipe = (
-        'the authors\' recipe (`--paper-settings`: init_preset="authors", c1_lr_scale=1.0)'
+        'the authors\' recipe (`--paper-settings`: init_preset="authors", c1_lr_scale=1.0, aux_dead_window=0)'
         if results["recipe"] == "paper"
         else 'the package\'s PolySAE training defaults (init_preset="package", C1 lr × d_sae/R1)'
     )
