@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig
+from polysae_lens.config import PAPER_TRAINING_SETTINGS
 from polysae_lens.inclass import (
     InClassConfig,
     InClassGroundTruth,
@@ -78,16 +79,8 @@ _QUIET_TQDM = functools.partial(tqdm, disable=True)
 
 
 def paper_kwargs() -> dict[str, Any]:
-    """The paper's settings, through ``init_preset`` when the package has it."""
-    fields = {f.name for f in dataclasses.fields(PolyTopKTrainingSAEConfig)}
-    paper: dict[str, Any] = {"c1_lr_scale": 1.0, "gauge_lr_scale": 0.0}
-    if "aux_dead_window" in fields:
-        paper["aux_dead_window"] = 0  # SAELens's (and the paper's) AuxK
-    # (polysae_lens.config.PAPER_TRAINING_SETTINGS where the package has it; this
-    # script also runs against older checkouts)
-    if "init_preset" in fields:
-        return {"init_preset": "authors", **paper}
-    return {"c1_init": "kaiming", **paper}
+    """The paper's settings (the gauge step is off by default already)."""
+    return {**PAPER_TRAINING_SETTINGS, "gauge_lr_scale": 0.0}
 
 
 @dataclass(frozen=True)

@@ -187,11 +187,15 @@ def time_shape(
         "part/retraction": lambda: cholesky_qr_retract_(U),
         "part/adam": lambda: adam.step(),
     }
-    fns |= {f"train/{c}": (lambda t=t: t.step(batch)) for c, t in trainers.items()}
     dead = torch.randperm(shape.d_sae, generator=gen)[: max(1, int(AUXK_SHARE * shape.d_sae))]
-    for c in ("topk_auxk", "poly_auxk"):
-        if c in trainers:
-            fns[f"train/{c}"] = with_dead_latents(trainers[c], dead, batch)
+    fns |= {
+        f"train/{c}": (
+            with_dead_latents(t, dead, batch)
+            if c.endswith("_auxk")
+            else (lambda t=t: t.step(batch))
+        )
+        for c, t in trainers.items()
+    }
     if not autocast:
         fns |= {f"infer/{c}": infer(sae) for c, sae in inference.items()}
     sparsify = sparsify_fns(shape.d_in, shape.d_sae, shape.k, batch, autocast)

@@ -28,6 +28,7 @@ STIEFEL_METHODS = tuple(RETRACTIONS)
 C1_INITS = ("orthogonal", "kaiming")
 INIT_PRESETS = ("package", "authors")
 AUTHORS_DECODER_INIT_NORM = 0.1
+"""SAELens 6.22's default ``decoder_init_norm``, which the authors' runs used."""
 PAPER_TRAINING_SETTINGS: dict[str, Any] = {
     "init_preset": "authors",
     "c1_lr_scale": 1.0,
@@ -35,7 +36,6 @@ PAPER_TRAINING_SETTINGS: dict[str, Any] = {
 }
 """Training fields that turn the package's PolySAE training into the paper's (the
 authors' code): its initialisation, one learning rate, SAELens's AuxK."""
-"""SAELens 6.22's default ``decoder_init_norm``, which the authors' runs used."""
 DEFAULT_INTERACTION_RANK = 64  # R2 = R3 = 64 for GPT-2 small (paper Sec. 5.1)
 
 

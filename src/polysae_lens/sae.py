@@ -368,7 +368,7 @@ class PolyTrainingMixin(PolyDecoderMixin):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         check_finite_input(step_input.sae_in)
-        counter_F = getattr(self, FIRE_COUNTER, None) if self.keeps_fire_counter else None
+        counter_F = getattr(self, FIRE_COUNTER, None)  # registered when keeps_fire_counter
         if counter_F is not None:
             step_input = with_dead_mask(step_input, counter_F, self.cfg.aux_dead_window)
         if self.sparse_kernels and self._sparse_step_supported() and not _has_hooks(self):

@@ -388,12 +388,6 @@ def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def cayley(step_RR: Tensor) -> Tensor:
-    """``(I + S/2)^-1 (I - S/2)``: orthogonal for skew ``S``, ``exp(-S)`` to second order."""
-    eye_RR = torch.eye(step_RR.shape[0], dtype=step_RR.dtype, device=step_RR.device)
-    return torch.linalg.solve(eye_RR + step_RR / 2, eye_RR - step_RR / 2)
-
-
 class GaugeTurn(NamedTuple):
     """``U`` and ``C1`` after a turn along the gauge orbit."""
 
@@ -404,8 +398,8 @@ class GaugeTurn(NamedTuple):
 
 
 def turn_along_gauge(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> GaugeTurn:
-    """``U Q`` and ``Q^T C1`` for the Cayley rotation ``Q = cayley(S)`` of the
-    skew matrix S whose first r rows are ``step_rR`` and whose other entries
+    """``U Q`` and ``Q^T C1`` for the Cayley rotation ``Q = (I + S/2)^-1 (I - S/2)``
+    (orthogonal, ``exp(-S)`` to second order) of the skew matrix S whose first r rows are ``step_rR`` and whose other entries
     are zero but for ``S[r:, :r] = -step_rR[:, r:]^T``.
 
     ``I - Q`` then has rank at most 2r: with ``S = X Y^T``, ``X = [E, F]``,
@@ -450,7 +444,7 @@ def gauge_step_(sae: nn.Module, optimizer: Optimizer, gamma_rR: Tensor, scale: f
     kept in the optimizer's state for U (``gauge_exp_avg``, ``gauge_exp_avg_sq``,
     ``gauge_step``, so they are checkpointed with it), with the betas, eps and
     learning rate of U's parameter group times ``scale``. The rotation
-    ``Q = cayley(lr * scale * m_hat / (sqrt(v_hat) + eps))`` is orthogonal, so
+    (:func:`turn_along_gauge` of ``lr * scale * m_hat / (sqrt(v_hat) + eps)``) is orthogonal, so
     U stays on the manifold and U @ C1 is unchanged. Only the rows of the orbit
     that the interaction terms see move (:func:`interaction_rank`); the rest of
     the orbit only turns the linear term's basis, whose gradient is zero but for

@@ -69,6 +69,14 @@ def _ratio(a: Any, b: Any) -> str:
     return f"{a / b:.3f}×"
 
 
+def _settings_text() -> str:
+    """``PAPER_TRAINING_SETTINGS`` as ``name=value`` pairs."""
+    # imported here: the config module loads SAELens, and this module stays light
+    from polysae_lens.config import PAPER_TRAINING_SETTINGS
+
+    return ", ".join(f"{k}={v!r}" for k, v in PAPER_TRAINING_SETTINGS.items())
+
+
 def format_table(results: dict[str, Any], *, title: str | None = None) -> str:
     """The Markdown report: the Table-1-style table, the paper's summary row and notes."""
     plan = results["plan"]
@@ -106,7 +114,7 @@ def format_table(results: dict[str, Any], *, title: str | None = None) -> str:
     lines.append("| " + " | ".join(paper_row) + " |")
     lines.append("")
     recipe = (
-        'the authors\' recipe (`--paper-settings`: init_preset="authors", c1_lr_scale=1.0, aux_dead_window=0)'
+        f"the authors' recipe (`--paper-settings`: {_settings_text()})"
         if results["recipe"] == "paper"
         else 'the package\'s PolySAE training defaults (init_preset="package", C1 lr × d_sae/R1)'
     )
