@@ -11,10 +11,11 @@ held-out MSE (sum over d_in, mean over rows) is read at a budget ``B`` and at
 
 - ``topk``: SAELens's ``TopKTrainingSAE`` (``rescale_acts_by_decoder_norm=False``).
 - ``poly2``: TopK PolySAE of order 2, ranks (64, 8, 8), package defaults.
-- ``poly2 paper``: the same with the paper's settings (``init_preset="authors"``
-  where the package has it, else ``c1_init="kaiming"``; ``c1_lr_scale=1.0``).
-- ``poly2 gauge``: ``poly2`` with the gauge step on (``gauge_lr_scale=1``),
-  the remedy of ``docs/inclass-plateau.md``.
+- ``poly2 paper``: the same with the paper's settings
+  (:data:`polysae_lens.config.PAPER_TRAINING_SETTINGS`: the authors' init, one
+  learning rate, no gauge step, SAELens's AuxK).
+- ``poly2 previous``: ``poly2`` with the defaults before issue 13's fourth pass
+  (no gauge step, U's step unscaled: ``gauge_lr_scale=0, u_lr_scale=1``).
 - ``poly1``: the order-1 ablation (package defaults).
 - ``oracle``: ``poly2`` started at the true decoder (encoder tied to it), trained
   the same way (:func:`polysae_lens.inclass.oracle_sae`).
@@ -60,7 +61,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig
-from polysae_lens.config import PAPER_TRAINING_SETTINGS
+from polysae_lens.config import PAPER_TRAINING_SETTINGS, PREVIOUS_TRAINING_DEFAULTS
 from polysae_lens.inclass import (
     InClassConfig,
     InClassGroundTruth,
@@ -79,8 +80,8 @@ _QUIET_TQDM = functools.partial(tqdm, disable=True)
 
 
 def paper_kwargs() -> dict[str, Any]:
-    """The paper's settings (the gauge step is off by default already)."""
-    return {**PAPER_TRAINING_SETTINGS, "gauge_lr_scale": 0.0}
+    """The paper's settings (:data:`polysae_lens.config.PAPER_TRAINING_SETTINGS`)."""
+    return dict(PAPER_TRAINING_SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class Contender:
 
 
 def contenders(
-    with_paper: bool = True, with_oracle: bool = True, with_gauge: bool = True
+    with_paper: bool = True, with_oracle: bool = True, with_previous: bool = True
 ) -> list[Contender]:
     rows = [
         Contender("topk", "topk"),
@@ -103,8 +104,10 @@ def contenders(
     ]
     if with_paper:
         rows.insert(2, Contender("poly2 paper", "poly", 2, tuple(paper_kwargs().items())))
-    if with_gauge:
-        rows.insert(2, Contender("poly2 gauge", "poly", 2, (("gauge_lr_scale", 1.0),)))
+    if with_previous:
+        rows.insert(
+            2, Contender("poly2 previous", "poly", 2, tuple(PREVIOUS_TRAINING_DEFAULTS.items()))
+        )
     if with_oracle:
         rows.append(Contender("oracle", "oracle", 2))
     return rows

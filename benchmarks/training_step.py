@@ -18,7 +18,8 @@ step), (c) PolySAE with the dense path, and reports medians and ratios to (a).
 Peak memory is the peak resident set size (VmHWM, which starts afresh at exec)
 of a fresh subprocess that builds one contender and runs a few training steps,
 minus its size before building it. ``poly_every4`` retracts every 4th step;
-``poly_gauge`` adds the opt-in gauge step (``gauge_lr_scale=1``, issue 13).
+``poly_previous`` is PolySAE with the defaults before issue 13's fourth pass
+(no gauge step, U's step unscaled: ``polysae_lens.config.PREVIOUS_TRAINING_DEFAULTS``).
 ``topk_auxk`` and ``poly_auxk`` are TopK and PolySAE steps with AuxK running:
 before each step 1% of the latents are marked silent for longer than the dead
 window (the trainer's count for TopK, PolySAE's own ``aux_dead_window`` count
@@ -29,7 +30,7 @@ for PolySAE), as in a run with dead latents.
     python benchmarks/training_step.py --autocast --shapes small   # bf16 autocast
     python benchmarks/training_step.py --shapes gpt2 --widths 4096 16384 65536 --ks 32 64 128
     python benchmarks/training_step.py --shapes gpt2 --contended busy   # slowdowns
-    python benchmarks/training_step.py --shapes gpt2 --contenders topk poly poly_gauge
+    python benchmarks/training_step.py --shapes gpt2 --contenders topk poly poly_previous
 
 EleutherAI's sparsify (``SparseCoder``: fvu + AuxK, Adam) is timed beside them
 when it is importable (``pip install eai-sparsify``).
@@ -55,6 +56,7 @@ from sae_lens.config import SAETrainerConfig
 
 from polysae_lens import PolyTopKSAE, PolyTopKSAEConfig, PolyTopKTrainingSAE
 from polysae_lens import PolyTopKTrainingSAEConfig as PolyTrainCfg
+from polysae_lens.config import PREVIOUS_TRAINING_DEFAULTS
 from polysae_lens.sparse import select_topk
 from polysae_lens.stiefel import cholesky_qr_retract_
 
@@ -77,7 +79,15 @@ SHAPES = {
     "small": Shape("small", 128, 2048, 32, 1024, (128, 64, 64)),
     "tiny": Shape("tiny", 32, 256, 8, 128, (32, 8, 8)),
 }
-CONTENDERS = ("topk", "poly", "poly_every4", "poly_gauge", "poly_dense", "topk_auxk", "poly_auxk")
+CONTENDERS = (
+    "topk",
+    "poly",
+    "poly_every4",
+    "poly_previous",
+    "poly_dense",
+    "topk_auxk",
+    "poly_auxk",
+)
 REQUIRED = ("topk", "poly")
 """Contenders every timing needs (the ratios' base and the parts' source)."""
 AUXK_SHARE = 0.01
@@ -106,8 +116,8 @@ def build(contender: str, shape: Shape, training: bool, autocast: bool = False) 
     }
     if training and contender == "poly_every4":
         kwargs["stiefel_every_n_steps"] = 4
-    if training and contender == "poly_gauge":
-        kwargs["gauge_lr_scale"] = 1.0  # issue 13's opt-in gauge step
+    if training and contender == "poly_previous":
+        kwargs.update(PREVIOUS_TRAINING_DEFAULTS)
     sae = (
         PolyTopKTrainingSAE(PolyTrainCfg(**kwargs))
         if training
@@ -155,7 +165,7 @@ def time_shape(
     inference = {
         c: build(c, shape, False)
         for c in contenders
-        if c not in ("poly_every4", "poly_gauge", "topk_auxk", "poly_auxk")
+        if c not in ("poly_every4", "poly_previous", "topk_auxk", "poly_auxk")
     }
     W_enc, b_enc = inference["topk"].W_enc.detach(), inference["topk"].b_enc.detach()
     poly = trainers["poly"].sae

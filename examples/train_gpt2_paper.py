@@ -6,7 +6,8 @@ PolySAE (arXiv 2602.01322, Sec. 5.1), GPT-2 small setting: TopK PolySAE on
 batches of 4096 tokens, context 128, 300M tokens of OpenWebText, float32,
 ``normalize_activations="none"``, no decoder-norm rescaling, the AuxK loss
 with coefficient 1 on dead latents, and the authors' code's initialisation and
-single learning rate (``init_preset="authors"``, ``c1_lr_scale=1.0``). Training
+single learning rate (``init_preset="authors"``, ``c1_lr_scale=1.0``,
+``u_lr_scale=1.0``, no gauge step: ``gauge_lr_scale=0``). Training
 goes through SAELens's stock ``LanguageModelSAETrainingRunner``.
 
 It needs a GPU and network access (GPT-2 and the dataset come from the
@@ -18,7 +19,8 @@ The equivalent command line::
 
     polysae-lens train --architecture poly --model_name gpt2 \\
         --hook_name blocks.8.hook_resid_post --d_in 768 --d_sae 16384 -k 64 \\
-        --poly_ranks 768 64 64 --init_preset authors --c1_lr_scale 1.0 --aux_dead_window 0 ...
+        --poly_ranks 768 64 64 --init_preset authors --c1_lr_scale 1.0 --u_lr_scale 1.0 \\
+        --gauge_lr_scale 0 --aux_dead_window 0 ...
 
 :func:`build_config` returns the configuration; keyword overrides replace any
 field of the runner config, of the SAE config or of the logging config, so the
@@ -60,6 +62,8 @@ PAPER_SAE: dict[str, Any] = {
     # package's defaults ("package", None) train faster (README "Training dynamics").
     "init_preset": "authors",
     "c1_lr_scale": 1.0,
+    "u_lr_scale": 1.0,
+    "gauge_lr_scale": 0.0,  # the paper's update: no gauge step
     "aux_dead_window": 0,  # SAELens's AuxK (the package's own window is off)
 }
 """The SAE fields of the paper's GPT-2 small run."""

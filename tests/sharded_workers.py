@@ -39,6 +39,7 @@ def make_sae(dtype: str, d_in: int = D_IN) -> Any:
             "poly_ranks": RANKS,
             "apply_b_dec_to_input": True,
             "dtype": dtype,
+            "gauge_lr_scale": 0.0,  # the gauge step is not implemented sharded
         }
     )
     gen = torch.Generator().manual_seed(1)

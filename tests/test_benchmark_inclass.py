@@ -24,7 +24,7 @@ def test_quick_run_prints_every_contender_and_both_budgets(
     for row in ("| 20 |", "| 80 |", "gap closed by poly2 at 20", "MSE poly1 / topk at 80"):
         assert row in out
     names = {r["name"] for r in report["inclass"]}
-    assert names == {"topk", "poly2", "poly2 gauge", "poly2 paper", "poly1", "oracle"}
+    assert names == {"topk", "poly2", "poly2 previous", "poly2 paper", "poly1", "oracle"}
     assert {r["name"] for r in report["linear"]} == names - {"oracle"}
     for r in report["inclass"]:
         assert set(r["mse"]) == {20, 80}
@@ -59,7 +59,11 @@ def test_contenders_are_configured_as_labelled() -> None:
     assert paper.gauge_lr_scale == 0.0
     assert paper.aux_dead_window == 0  # SAELens's AuxK
     assert built["poly2"].cfg.aux_dead_window == 100  # package default
-    assert built["poly2 gauge"].cfg.gauge_lr_scale == 1.0
+    assert built["poly2"].cfg.gauge_lr_scale == 1.0  # package default
+    assert built["poly2"].cfg.u_lr_scale is None  # sqrt(R1 / d_sae)
+    previous = built["poly2 previous"].cfg
+    assert (previous.gauge_lr_scale, previous.u_lr_scale) == (0.0, 1.0)
+    assert paper.u_lr_scale == 1.0
     assert getattr(paper, "init_preset", "authors") == "authors"
     assert built["poly2"].cfg.c1_lr_scale is None  # package defaults
     oracle = built["oracle"]

@@ -30,7 +30,9 @@ def test_training_contenders_are_configured_as_labelled(contender: str) -> None:
     assert isinstance(sae, PolyTopKTrainingSAE)
     assert sae.sparse_kernels is (contender != "poly_dense")
     assert sae.cfg.stiefel_every_n_steps == (4 if contender == "poly_every4" else 1)
-    assert sae.cfg.gauge_lr_scale == (1.0 if contender == "poly_gauge" else 0.0)
+    previous = contender == "poly_previous"
+    assert sae.cfg.gauge_lr_scale == (0.0 if previous else 1.0)
+    assert sae.cfg.u_lr_scale == (1.0 if previous else None)
     assert sae.cfg.poly_ranks == TINY.ranks
 
 

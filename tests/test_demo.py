@@ -124,7 +124,7 @@ def test_quick_demo_writes_the_inclass_study_beside_it(
     results = json.loads((out / "results.json").read_text())
     inclass = results["inclass"]
     assert set(inclass) == {"config", "truth", "runs", "summary", "comparisons", "curves"}
-    assert set(inclass["runs"]) == {"linear", "poly", "poly_order1", "poly_gauge", "oracle"}
+    assert set(inclass["runs"]) == {"linear", "poly", "poly_order1", "poly_previous", "oracle"}
     assert len(inclass["config"]["seeds"]) >= 2
     assert "inclass_total" in results["runtime_seconds"]
     report = (out / "report.md").read_text()

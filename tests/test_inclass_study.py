@@ -50,7 +50,7 @@ def test_quick_study_has_every_contender_seed_and_curve(quick: dict[str, Any]) -
             # The last point is the final model, scored on a prefix of the same rows.
             assert curve[-1]["term_shares"].keys() == runs[0]["term_shares"].keys()
     # Interaction recovery (a signed cosine) exists for the order-2 models only.
-    for name in ("poly", "poly_gauge", "oracle"):
+    for name in ("poly", "poly_previous", "oracle"):
         assert all(-1 <= r["pair_cos"] <= 1 for r in quick["runs"][name])
     for name in ("linear", "poly_order1"):
         assert all(r["pair_cos"] is None for r in quick["runs"][name])
@@ -96,7 +96,14 @@ def test_oracle_beats_topk_beyond_seed_noise_in_the_quick_config(quick: dict[str
 def test_table_lists_contenders_and_verdict_column(quick: dict[str, Any]) -> None:
     table = format_inclass_table(quick)
     header = table.splitlines()[0]
-    for label in ("linear TopK", "PolySAE", "order 1", "gauge step", "oracle PolySAE", "better"):
+    for label in (
+        "linear TopK",
+        "PolySAE",
+        "order 1",
+        "previous defaults",
+        "oracle PolySAE",
+        "better",
+    ):
         assert label in header
     mse_line = next(line for line in table.splitlines() if line.startswith("| MSE"))
     assert " ± " in mse_line

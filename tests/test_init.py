@@ -175,3 +175,9 @@ def test_paper_example_uses_the_authors_init_and_one_learning_rate() -> None:
         1.0,
     )
     assert sae_cfg.decoder_init_norm == 0.1
+    from polysae_lens.config import PAPER_TRAINING_SETTINGS
+
+    # every field of the paper's training recipe, gauge step and U scale included
+    assert {name: getattr(sae_cfg, name) for name in PAPER_TRAINING_SETTINGS} == (
+        PAPER_TRAINING_SETTINGS
+    )

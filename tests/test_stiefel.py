@@ -141,19 +141,32 @@ def test_projected_moments_lie_in_the_tangent_space() -> None:
     assert m.abs().max() > 0
 
 
-@pytest.mark.parametrize("scale", [None, 1.0, 5.0])
-def test_c1_step_scale_is_a_per_parameter_adam_learning_rate(scale: float | None) -> None:
-    sae = make_training_sae("poly", c1_lr_scale=scale, stiefel_every_n_steps=0)
-    reference = make_training_sae("poly", c1_lr_scale=scale, stiefel_every_n_steps=0)
-    expected_scale = 48 / 12 if scale is None else scale  # d_sae / R1 by default
-    assert stiefel.c1_step_scale(sae) == expected_scale
-    # the reference gives C1 its own Adam param group with the scaled lr, and is
-    # attached to no SAE (an empty explicit attach turns the automatic hooks off)
-    c1 = [reference.C1]
-    others = [p for p in reference.parameters() if p is not reference.C1]
-    ref_opt = torch.optim.Adam(
-        [{"params": others}, {"params": c1, "lr": 1e-3 * expected_scale}], lr=1e-3
-    )
+@pytest.mark.parametrize(("c1_scale", "u_scale"), [(None, None), (1.0, 1.0), (5.0, 0.3)])
+def test_step_scales_are_per_parameter_adam_learning_rates(
+    c1_scale: float | None, u_scale: float | None
+) -> None:
+    kwargs = {
+        "c1_lr_scale": c1_scale,
+        "u_lr_scale": u_scale,
+        "stiefel_every_n_steps": 0,
+        "gauge_lr_scale": 0.0,  # the reference optimizer runs no hooks
+    }
+    sae = make_training_sae("poly", **kwargs)
+    reference = make_training_sae("poly", **kwargs)
+    expected = {  # defaults: d_sae / R1 and sqrt(R1 / d_sae)
+        "C1": 48 / 12 if c1_scale is None else c1_scale,
+        "U": 0.5 if u_scale is None else u_scale,
+    }
+    assert stiefel.c1_step_scale(sae) == expected["C1"]
+    assert stiefel.u_step_scale(sae) == pytest.approx(expected["U"], rel=1e-12)
+    # the reference gives C1 and U Adam param groups of their own with the scaled
+    # lr, and is attached to no SAE (an empty explicit attach turns the automatic
+    # hooks off)
+    scaled = {getattr(reference, name) for name in expected}
+    others = [p for p in reference.parameters() if p not in scaled]
+    groups = [{"params": others}]
+    groups += [{"params": [getattr(reference, n)], "lr": 1e-3 * m} for n, m in expected.items()]
+    ref_opt = torch.optim.Adam(groups, lr=1e-3)
     attach_stiefel_retraction(ref_opt, [])
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
     x = torch.randn(32, D_IN)
@@ -162,8 +175,10 @@ def test_c1_step_scale_is_a_per_parameter_adam_learning_rate(scale: float | None
             ((model(x) - x) ** 2).sum().backward()
             optimizer.step()
             optimizer.zero_grad()
-    torch.testing.assert_close(sae.C1, reference.C1, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(sae.W_enc, reference.W_enc, rtol=1e-5, atol=1e-7)
+    for name in ("C1", "U", "W_enc"):
+        torch.testing.assert_close(
+            getattr(sae, name), getattr(reference, name), rtol=1e-5, atol=1e-7
+        )
 
 
 @pytest.mark.parametrize(("rows", "cols", "block"), [(300, 40, 128), (700, 300, 128), (90, 45, 16)])

@@ -32,10 +32,17 @@ AUTHORS_DECODER_INIT_NORM = 0.1
 PAPER_TRAINING_SETTINGS: dict[str, Any] = {
     "init_preset": "authors",
     "c1_lr_scale": 1.0,
+    "u_lr_scale": 1.0,
+    "gauge_lr_scale": 0.0,
     "aux_dead_window": 0,
 }
 """Training fields that turn the package's PolySAE training into the paper's (the
-authors' code): its initialisation, one learning rate, SAELens's AuxK."""
+authors' code): its initialisation, one learning rate, no gauge step, SAELens's
+AuxK."""
+PREVIOUS_TRAINING_DEFAULTS: dict[str, Any] = {"gauge_lr_scale": 0.0, "u_lr_scale": 1.0}
+"""The package's training defaults before the gauge step and U's step scale became
+defaults (issue 13, fourth pass): the demo and ``benchmarks/inclass.py`` train
+them beside the current defaults."""
 DEFAULT_INTERACTION_RANK = 64  # R2 = R3 = 64 for GPT-2 small (paper Sec. 5.1)
 
 
@@ -185,6 +192,7 @@ class _PolyTrainingDefaults:
             this; authors preset: the norm of W_enc's columns (None: 0.1).
         c1_init: "orthogonal" (default; sqrt(2) x orthonormal rows) or "kaiming".
         c1_lr_scale: factor on C1's optimizer step; default d_sae / R1, 1.0 = paper.
+        u_lr_scale: factor on U's optimizer step; default sqrt(R1 / d_sae), 1.0 = paper.
         gauge_lr_scale: learning rate of the gauge step turning U's basis (0 = off, paper).
         aux_dead_window: AuxK also takes latents silent for this many steps (0: trainer's only).
         stiefel_every_n_steps: retract U after every n-th optimizer step (0: never).
@@ -223,14 +231,25 @@ class _PolyTrainingDefaults:
     relative to the other parameters). ``None`` (default) means d_sae / R1: with
     U on the Stiefel manifold only C1's R1 x d_in entries can reshape the
     decoder's spectrum. 1.0 is the paper's single learning rate."""
-    gauge_lr_scale: float = 0.0
+    u_lr_scale: float | None = None
+    """Factor applied to U's optimizer step (for Adam, exactly its learning rate
+    relative to the other parameters). ``None`` (default) means sqrt(R1 / d_sae),
+    the root-mean-square norm of U's rows: Adam moves every entry by about the
+    learning rate, so an unscaled step moves a row of U (norm ~ sqrt(R1 / d_sae))
+    sqrt(d_sae / R1) times faster, relative to its size, than a unit-norm row of
+    a free decoder. So fast a decoder row keeps fitting whatever its latent fires
+    on, and losing latents never go silent for AuxK to revive
+    (``docs/inclass-plateau.md``, fourth pass). 1.0 is the paper's single
+    learning rate."""
+    gauge_lr_scale: float = 1.0
     """Learning rate, relative to the optimizer's, of the gauge step: after each
     optimizer step, U and C1 turn along ``U -> U Q, C1 -> Q^T C1`` (which leaves
     U @ C1 unchanged) by an Adam step of their own on the loss's gradient along
     that orbit (:func:`polysae_lens.stiefel.gauge_step_`). It lets the
     interaction terms choose which directions of U they square, which U's own
     Adam step does only very slowly (``docs/inclass-plateau.md``). Only at
-    order >= 2. 0 turns it off (the paper's model and update)."""
+    order >= 2. 1 (default) is U's learning rate; 0 turns it off (the paper's
+    model and update, and what the latent-sharded trainer requires)."""
     aux_dead_window: int = 100
     """TopK, BatchTopK and Matryoshka PolySAEs: the AuxK loss also treats as
     dead every latent that fired in none of the last ``aux_dead_window``
@@ -281,13 +300,17 @@ class _PolyTrainingDefaults:
             self.c1_init = "kaiming"
             if self.decoder_init_norm is None:
                 self.decoder_init_norm = AUTHORS_DECODER_INIT_NORM
-        scale = self.c1_lr_scale
-        if scale is not None and (
-            not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0
-        ):
-            raise ValueError(
-                f"c1_lr_scale={scale!r} must be a positive finite number, or None for d_sae / R1."
-            )
+        for name, default in (("c1_lr_scale", "d_sae / R1"), ("u_lr_scale", "sqrt(R1 / d_sae)")):
+            scale = getattr(self, name)
+            if scale is not None and (
+                not isinstance(scale, (int, float))
+                or isinstance(scale, bool)
+                or not math.isfinite(scale)
+                or scale <= 0
+            ):
+                raise ValueError(
+                    f"{name}={scale!r} must be a positive finite number, or None for {default}."
+                )
         gauge = self.gauge_lr_scale
         if (
             not isinstance(gauge, (int, float))

@@ -4,7 +4,7 @@
    on synthetic activations with planted interactions
    (:mod:`polysae_lens.groundtruth`, :mod:`polysae_lens.study`), judged against
    evaluation noise of one seed.
-2. In-class: the same three, the opt-in gauge step and the oracle on
+2. In-class: the same three, PolySAE with the previous defaults and the oracle on
    activations drawn from a random PolySAE decoder
    (:mod:`polysae_lens.inclass_study`), judged against seed-to-seed noise.
 
@@ -34,8 +34,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Compare a linear TopK SAE, a PolySAE and its order-1 ablation on two kinds of "
         "synthetic activations with known ground truth: sparse planted pair interactions "
-        "(one seed), and data drawn from a random PolySAE decoder, with the opt-in gauge "
-        "step and an oracle PolySAE started at the true decoder (3 seeds, judged against "
+        "(one seed), and data drawn from a random PolySAE decoder, with PolySAE's previous "
+        "defaults and an oracle PolySAE started at the true decoder (3 seeds, judged against "
         "seed-to-seed noise). Measured on 2 CPU cores shared with other jobs (load average "
         "1.0-1.5): 5.4 minutes (--quick: about 20 seconds)."
     )

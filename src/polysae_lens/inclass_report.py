@@ -13,7 +13,7 @@ from polysae_lens.report import SAE_LABELS, Row, verdict
 
 LABELS = {
     **SAE_LABELS,
-    "poly_gauge": "PolySAE + gauge step (opt-in)",
+    "poly_previous": "PolySAE, previous defaults",
     "oracle": "oracle PolySAE",
 }
 """Column titles of the in-class contenders."""
@@ -242,8 +242,9 @@ def markdown_section(results: dict[str, Any], sparse_rows: list[Row]) -> str:
         f"stock SAETrainer (Adam, lr {cfg['lr']:g} constant, batch {cfg['batch_size']}, "
         f"{cfg['steps']} steps) on the same stream; seeds {list(seeds)} each draw their "
         f"own true decoder, stream and initialisation; metrics on {cfg['eval_samples']:,} "
-        "held-out rows. The gauge step is opt-in (`gauge_lr_scale=1`), shown as an extra "
-        "contender, not the package default. The oracle is PolySAE started at the true "
+        "held-out rows. `PolySAE, previous defaults` is the package before issue 13's "
+        "fourth pass (no gauge step, U's step unscaled: `gauge_lr_scale=0, u_lr_scale=1`). "
+        "The oracle is PolySAE started at the true "
         "decoder with its encoder tied to it, then trained exactly like the others.",
         "",
         format_inclass_table(inclass),

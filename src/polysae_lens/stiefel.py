@@ -1,5 +1,6 @@
 """Keeping the shared projection U on the Stiefel manifold (U^T U = I), and
-the other work PolySAE needs around every optimizer step (C1's step scale).
+the other work PolySAE needs around every optimizer step (C1's and U's step
+scales, the gauge step).
 
 The paper restores orthonormality after every optimizer step with a QR
 retraction (arXiv 2602.01322, Sec. 4): U is replaced by the Q factor of its
@@ -10,8 +11,9 @@ keeps U continuous from one step to the next.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -315,21 +317,33 @@ class _BothHandles(RemovableHandle):
             handle.remove()
 
 
+def _configured_scale(sae: nn.Module, field: str, default: Callable[[Any], float]) -> float:
+    """The config's ``field``, ``default(cfg)`` where it is None, 1 for modules
+    without the field."""
+    cfg = getattr(sae, "cfg", None)
+    if cfg is None or not hasattr(cfg, field):
+        return 1.0
+    value = getattr(cfg, field)
+    return float(value) if value is not None else float(default(cfg))
+
+
 def c1_step_scale(sae: nn.Module) -> float:
     """The factor applied to C1's optimizer step: the config's ``c1_lr_scale``,
     with ``None`` meaning d_sae / R1; 1 for modules without the field."""
-    cfg = getattr(sae, "cfg", None)
-    if cfg is None or not hasattr(cfg, "c1_lr_scale"):
-        return 1.0
-    if cfg.c1_lr_scale is not None:
-        return float(cfg.c1_lr_scale)
-    return cfg.d_sae / cfg.ranks[0]
+    return _configured_scale(sae, "c1_lr_scale", lambda cfg: cfg.d_sae / cfg.ranks[0])
+
+
+def u_step_scale(sae: nn.Module) -> float:
+    """The factor applied to U's optimizer step: the config's ``u_lr_scale``,
+    with ``None`` meaning sqrt(R1 / d_sae) (the RMS norm of U's rows); 1 for
+    modules without the field."""
+    return _configured_scale(sae, "u_lr_scale", lambda cfg: math.sqrt(cfg.ranks[0] / cfg.d_sae))
 
 
 def step_scales(sae: nn.Module) -> dict[str, float]:
     """Factors on the optimizer's step of single parameters, by parameter name
-    (parameters not listed: 1). Today only C1's (:func:`c1_step_scale`)."""
-    return {"C1": c1_step_scale(sae)}
+    (parameters not listed: 1): C1's and U's."""
+    return {"C1": c1_step_scale(sae), "U": u_step_scale(sae)}
 
 
 def gauge_step_scale(sae: nn.Module) -> float:

@@ -318,8 +318,9 @@ class ShardedPolyConfig:
     """Polynomial order (1, 2 or 3)."""
     apply_b_dec_to_input: bool
     """Encode ``x - b_dec`` (SAELens's option) instead of ``x``."""
-    c1_step_scale: float
-    """Factor on C1's optimizer step (the resolved ``c1_lr_scale``)."""
+    step_scales: tuple[tuple[str, float], ...]
+    """(parameter name, factor on its optimizer step): the resolved
+    ``c1_lr_scale`` and ``u_lr_scale`` (:func:`polysae_lens.stiefel.step_scales`)."""
     aux_dead_window: int = 0
     """AuxK also takes latents silent for this many steps (0: the trainer's
     window only); the sharded trainer counts them per slice."""
@@ -459,7 +460,7 @@ def shard_poly_sae(sae: nn.Module, rank: int, world_size: int, group: Any = None
 def sharded_config(sae: nn.Module) -> ShardedPolyConfig:
     """The :class:`ShardedPolyConfig` of a TopK PolySAE (or of any object with
     its ``cfg``)."""
-    from polysae_lens.stiefel import c1_step_scale
+    from polysae_lens.stiefel import step_scales
 
     cfg: Any = sae.cfg
     return ShardedPolyConfig(
@@ -469,7 +470,7 @@ def sharded_config(sae: nn.Module) -> ShardedPolyConfig:
         ranks=tuple(cfg.ranks[: cfg.poly_order]),
         poly_order=cfg.poly_order,
         apply_b_dec_to_input=bool(cfg.apply_b_dec_to_input),
-        c1_step_scale=c1_step_scale(sae),
+        step_scales=tuple(step_scales(sae).items()),
         aux_dead_window=int(getattr(cfg, "aux_dead_window", 0)),
     )
 
@@ -546,14 +547,12 @@ class ShardedStep(NamedTuple):
 
 
 def sharded_adam(shard: ShardedPolySAE, lr: float, **adam_kwargs: Any) -> torch.optim.Adam:
-    """Adam over the shard's parameters, C1 at ``lr * c1_step_scale`` (for Adam
-    the same as PolySAE's scaled C1 step)."""
-    c1 = [shard.C1]
-    rest = [p for name, p in shard.named_parameters() if name != "C1"]
-    groups: list[dict[str, Any]] = [
-        {"params": rest},
-        {"params": c1, "lr": lr * shard.cfg.c1_step_scale},
-    ]
+    """Adam over the shard's parameters, C1 and U each in a group of its own at
+    ``lr`` times its step scale (for Adam the same as PolySAE's scaled steps)."""
+    scales = dict(shard.cfg.step_scales)
+    rest = [p for name, p in shard.named_parameters() if name not in scales]
+    groups: list[dict[str, Any]] = [{"params": rest}]
+    groups += [{"params": [getattr(shard, n)], "lr": lr * m} for n, m in scales.items()]
     return torch.optim.Adam(groups, lr=lr, **adam_kwargs)
 
 

@@ -159,8 +159,8 @@ class ShardedSAETrainer(StopAfterAgreedStep, SAETrainer[Any, Any]):
                 "evaluate the saved SAE afterwards."
             )
         super().__init__(cfg, sae, data_provider, save_checkpoint_fn=save_checkpoint_fn)
-        # C1 in its own parameter group at lr * c1_step_scale (the unsharded
-        # PolySAE's optimizer hook does the same); the schedule is rebuilt for it
+        # C1 and U in parameter groups of their own at lr * their step scales (the
+        # unsharded PolySAE's optimizer hook does the same); the schedule is rebuilt
         self.optimizer = sharded_adam(sae.shard, cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         assert cfg.lr_end is not None  # set by SAETrainerConfig's post-init
         self.lr_scheduler = get_lr_scheduler(

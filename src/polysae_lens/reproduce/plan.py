@@ -64,8 +64,9 @@ class ReproducePlan:
     sparsifier: str = "topk"
     """``topk``, ``batchtopk`` or ``matryoshka`` (both SAEs use it)."""
     paper_settings: bool = False
-    """True: the authors' recipe (``init_preset="authors"``, ``c1_lr_scale=1.0``,
-    ``aux_dead_window=0``);
+    """True: the authors' recipe (``config.PAPER_TRAINING_SETTINGS``:
+    ``init_preset="authors"``, ``c1_lr_scale=1.0``, ``u_lr_scale=1.0``,
+    ``gauge_lr_scale=0``, ``aux_dead_window=0``);
     False: the package's PolySAE training defaults. Everything else is the
     paper's in both (lr, batch, no rescaling, AuxK coefficient 1)."""
     training_tokens: int | None = None
