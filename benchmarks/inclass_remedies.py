@@ -2,7 +2,8 @@
 
 Same data, trainer and settings as ``benchmarks/inclass.py``; one JSON line per run with the
 held-out MSE, ``pair cos`` (:func:`polysae_lens.inclass.interaction_recovery`) and the share
-of atoms matched at B and 4B. Variant syntax: ``poly2``, ``gauge`` (``gauge_lr_scale=1``),
+of atoms matched at B and 4B. Variant syntax: ``poly2`` (package defaults), ``gauge``
+(``gauge_lr_scale=1``, the default since the fourth pass of docs/inclass-plateau.md),
 ``topk``, ``oracle``, plus any of ``+gauge=S``, ``+warm=T`` (spectral warm start of the
 quadratic subspace after step T), ``+norefit`` (without refitting C2), ``+l2=V``
 (``lambda2_init``), ``+gsched=S:T`` (gauge scale S until step T, then the configured one),

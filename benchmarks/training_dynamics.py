@@ -33,8 +33,10 @@ code's initialisation and single learning rate); the "kaiming C1" contenders,
 the base of the ablations, keep the package's init otherwise (W_enc tied to
 U @ C1, C's with fan_in = d_in) with ``c1_init="kaiming"`` and one learning
 rate; the "FIX" contenders re-apply the two changes with this script's own
-helpers, and the "pkg defaults" row checks that the package's implementation
-gives the same numbers.
+helpers. All of them keep U's step unscaled and the package's gauge step off
+(``PREVIOUS_TRAINING_DEFAULTS``: both became defaults after these rows were
+measured); the "pkg defaults" row is the package as it is now (``u_lr_scale``
+None = sqrt(R1 / d_sae) included), so it differs from "FIX" by U's step scale.
 
 - ``orthogonal_c1_``: C1 = sqrt(2) * (orthonormal rows) instead of
   Kaiming-uniform: the same Frobenius norm, but condition number 1. With U on
@@ -92,6 +94,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig, orthogonality_error
+from polysae_lens.config import PREVIOUS_TRAINING_DEFAULTS
 from polysae_lens.polynomial import project
 from polysae_lens.stiefel import qr_retract, retract_
 
@@ -409,16 +412,17 @@ def train(
 
 # The authors' code's init (init_preset="authors": C's with fan_in = R, W_enc an
 # untied placeholder) and its single learning rate: the paper's settings.
-AUTHORS = Contender(
-    "poly1 authors init", poly_kwargs=(("init_preset", "authors"), ("c1_lr_scale", 1.0))
-)
+# U's step unscaled and no package gauge step (this script's rows predate both
+# defaults; its own gauge experiment is ``gauge=True``).
+ONE_LR = (("c1_lr_scale", 1.0), *PREVIOUS_TRAINING_DEFAULTS.items())
+AUTHORS = Contender("poly1 authors init", poly_kwargs=(("init_preset", "authors"), *ONE_LR))
 # Kaiming C1 with one lr on the package's init otherwise (W_enc tied to U @ C1, C's
 # with fan_in = d_in): the base of the ablations. The package's defaults include
 # the fix (FIX applies the same two changes on top of it, in this script).
-KAIMING = Contender("poly1 kaiming C1", poly_kwargs=(("c1_init", "kaiming"), ("c1_lr_scale", 1.0)))
+KAIMING = Contender("poly1 kaiming C1", poly_kwargs=(("c1_init", "kaiming"), *ONE_LR))
 LINEAR = Contender("linear TopK", order=0)
 FIX = KAIMING.with_("poly1 FIX", c1_orthogonal=True, c1_mult="ratio")
-PKG_DEFAULTS = Contender("poly1 pkg defaults")  # c1_init / c1_lr_scale left to the package
+PKG_DEFAULTS = Contender("poly1 pkg defaults")  # every field left to the package
 
 
 def linear_suite(quick: bool) -> list[Contender]:
@@ -445,7 +449,7 @@ def linear_suite(quick: bool) -> list[Contender]:
         keep = {"linear TopK", "poly1 authors init", "poly1 kaiming C1", "poly1 no retraction"}
         keep |= {"poly1 proj. moments"}
         keep |= {"poly1 orthogonal C1", "poly1 C1 lr x F/R1", "poly1 FIX"}
-        keep |= {"poly1 FIX + proj. moments"}
+        keep |= {"poly1 FIX + proj. moments", "poly1 pkg defaults"}
         rows = [r for r in rows if r.name in keep]
     return rows
 
@@ -458,7 +462,7 @@ def lr_suite(quick: bool) -> list[Contender]:
         FIX.with_("poly1 FIX, C1 lr x sqrt(F/R1)", c1_mult="sqrt"),
         FIX,
     ]
-    return [LINEAR, AUTHORS, KAIMING, FIX] if quick else rows
+    return [LINEAR, AUTHORS, KAIMING, FIX, PKG_DEFAULTS] if quick else [*rows, PKG_DEFAULTS]
 
 
 def moments_suite(quick: bool) -> list[Contender]:

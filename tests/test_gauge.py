@@ -10,7 +10,12 @@ import torch
 
 from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig, orthogonality_error
 from polysae_lens.inclass import InClassConfig, build_in_class, oracle_sae
-from polysae_lens.stiefel import gauge_gradient, interaction_rank, turn_along_gauge
+from polysae_lens.stiefel import (
+    gauge_gradient,
+    interaction_rank,
+    turn_along_gauge,
+    turn_along_gauge_,
+)
 
 D_IN, D_SAE, RANKS, K = 10, 30, (8, 3, 2), 3
 
@@ -111,6 +116,28 @@ def test_turn_along_gauge_by_zero_is_the_identity() -> None:
     C1 = torch.randn(6, 4, dtype=torch.float64)
     turned = turn_along_gauge(U, C1, torch.zeros(2, 6, dtype=torch.float64))
     assert torch.equal(turned.U_FR, U) and torch.equal(turned.C1_RD, C1)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
+)
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_in_place_turn_matches_the_dense_rotation(
+    dtype: torch.dtype, tol: float, scale: float
+) -> None:
+    gen = torch.Generator().manual_seed(3)
+    U = torch.linalg.qr(torch.randn(40, 8, generator=gen, dtype=torch.float64))[0]
+    C1 = torch.randn(8, 7, generator=gen, dtype=torch.float64)
+    A = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    S = scale * 0.5 * (A - A.T)
+    S[3:, 3:] = 0
+    Q = dense_cayley(S)
+    U_turned, C1_turned = U.to(dtype, copy=True), C1.to(dtype, copy=True)
+    storage = U_turned.data_ptr()
+    turn_along_gauge_(U_turned, C1_turned, S[:3].to(dtype))
+    assert U_turned.data_ptr() == storage and U_turned.dtype == dtype  # in place
+    torch.testing.assert_close(U_turned.double(), U @ Q, atol=tol, rtol=0)
+    torch.testing.assert_close(C1_turned.double(), Q.T @ C1, atol=tol * 10, rtol=0)
 
 
 @pytest.mark.parametrize("rank", [1, 3, 8])

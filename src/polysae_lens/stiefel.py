@@ -262,6 +262,12 @@ _SNAPSHOTS: weakref.WeakKeyDictionary[Optimizer, list[tuple[Tensor, Tensor, floa
 _GAUGE_GRADIENTS: weakref.WeakKeyDictionary[Optimizer, list[tuple[nn.Module, Tensor, float]]] = (
     globals().get("_GAUGE_GRADIENTS", weakref.WeakKeyDictionary())
 )
+# One reusable snapshot buffer per scaled parameter, by module and name: a fresh
+# [d_sae, R1] copy of U every step made the allocator map and fault in new pages
+# (a cache only: losing it costs one allocation).
+_SNAPSHOT_BUFFERS: weakref.WeakKeyDictionary[nn.Module, dict[str, Tensor]] = globals().get(
+    "_SNAPSHOT_BUFFERS", weakref.WeakKeyDictionary()
+)
 _global_hooks: tuple[RemovableHandle, RemovableHandle] | None = globals().get("_global_hooks")
 
 
@@ -411,17 +417,16 @@ class GaugeTurn(NamedTuple):
     """``Q^T @ C1`` [R1, d_in]."""
 
 
-def turn_along_gauge(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> GaugeTurn:
-    """``U Q`` and ``Q^T C1`` for the Cayley rotation ``Q = (I + S/2)^-1 (I - S/2)``
-    (orthogonal, ``exp(-S)`` to second order) of the skew matrix S whose first r rows are ``step_rR`` and whose other entries
-    are zero but for ``S[r:, :r] = -step_rR[:, r:]^T``.
+class _LowRankTurn(NamedTuple):
+    """``U Q = U - W_F2r[:, :r] @ step_rR`` with ``W_F2r[:, r:]`` taken off U's
+    first r columns (computed in ``W_F2r``'s dtype), and ``Q^T C1``."""
 
-    ``I - Q`` then has rank at most 2r: with ``S = X Y^T``, ``X = [E, F]``,
-    ``Y = [step^T, E]`` (E the first r columns of I, ``F = [0; -B^T]``,
-    ``B = step_rR[:, r:]``), Woodbury gives ``Q = I - X K Y^T`` with
-    ``K = (I + Y^T X / 2)^-1`` (2r x 2r), so turning U costs about
-    ``2 d_sae r R1`` multiply-adds instead of ``d_sae R1^2``.
-    """
+    W_F2r: Tensor
+    step_rR: Tensor
+    C1_RD: Tensor
+
+
+def _low_rank_turn(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> _LowRankTurn:
     r = step_rR.shape[0]
     dtype = _at_least_float32(U_FR.dtype)
     step_rR = step_rR.to(dtype)
@@ -433,15 +438,48 @@ def turn_along_gauge(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> GaugeTurn:
     K = torch.linalg.inv(torch.eye(2 * r, dtype=YtX.dtype, device=YtX.device) + YtX / 2)
     U = U_FR.to(dtype)
     UX_F2r = torch.cat([U[:, :r], -(U[:, r:] @ B_rQ.T)], 1)
-    W_F2r = UX_F2r @ K
-    new_U = U - W_F2r[:, :r] @ step_rR
-    new_U[:, :r] -= W_F2r[:, r:]
     C1 = C1_RD.to(dtype)
     XtC1 = torch.cat([C1[:r], -(B_rQ @ C1[r:])])
     T_2rD = K.T @ XtC1  # Q^T C1 = C1 - Y K^T X^T C1
     new_C1 = C1 - step_rR.T @ T_2rD[:r]
     new_C1[:r] -= T_2rD[r:]
-    return GaugeTurn(new_U.to(U_FR.dtype), new_C1.to(C1_RD.dtype))
+    return _LowRankTurn(UX_F2r @ K, step_rR, new_C1)
+
+
+def turn_along_gauge(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> GaugeTurn:
+    """``U Q`` and ``Q^T C1`` for the Cayley rotation ``Q = (I + S/2)^-1 (I - S/2)``
+    (orthogonal, ``exp(-S)`` to second order) of the skew matrix S whose first r
+    rows are ``step_rR`` and whose other entries are zero but for
+    ``S[r:, :r] = -step_rR[:, r:]^T``.
+
+    ``I - Q`` then has rank at most 2r: with ``S = X Y^T``, ``X = [E, F]``,
+    ``Y = [step^T, E]`` (E the first r columns of I, ``F = [0; -B^T]``,
+    ``B = step_rR[:, r:]``), Woodbury gives ``Q = I - X K Y^T`` with
+    ``K = (I + Y^T X / 2)^-1`` (2r x 2r), so turning U costs about
+    ``2 d_sae r R1`` multiply-adds instead of ``d_sae R1^2``.
+    """
+    turn = _low_rank_turn(U_FR, C1_RD, step_rR)
+    r = step_rR.shape[0]
+    new_U = U_FR.to(turn.W_F2r.dtype) - turn.W_F2r[:, :r] @ turn.step_rR
+    new_U[:, :r] -= turn.W_F2r[:, r:]
+    return GaugeTurn(new_U.to(U_FR.dtype), turn.C1_RD.to(C1_RD.dtype))
+
+
+@torch.no_grad()
+def turn_along_gauge_(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> None:
+    """:func:`turn_along_gauge` in place: for float32/float64 U the update is
+    added to U directly (no [d_sae, R1] temporaries, which at GPT-2 scale cost
+    more than the products); half-precision U goes through float32."""
+    turn = _low_rank_turn(U_FR, C1_RD, step_rR)
+    r = step_rR.shape[0]
+    if U_FR.dtype == turn.W_F2r.dtype:
+        U_FR.addmm_(turn.W_F2r[:, :r], turn.step_rR, alpha=-1)
+        U_FR[:, :r] -= turn.W_F2r[:, r:]
+    else:
+        new_U = U_FR.to(turn.W_F2r.dtype) - turn.W_F2r[:, :r] @ turn.step_rR
+        new_U[:, :r] -= turn.W_F2r[:, r:]
+        U_FR.copy_(new_U)
+    C1_RD.copy_(turn.C1_RD)
 
 
 @torch.no_grad()
@@ -488,9 +526,7 @@ def gauge_step_(sae: nn.Module, optimizer: Optimizer, gamma_rR: Tensor, scale: f
     exp_avg_sq.mul_(beta2).addcmul_(gamma_rR, gamma_rR, value=1 - beta2)
     # m and v have a skew and a symmetric leading block, so the step is skew there
     step_rR = (exp_avg / (1 - beta1**step)) / ((exp_avg_sq / (1 - beta2**step)).sqrt() + eps)
-    turned = turn_along_gauge(U, C1, float(group["lr"]) * scale * step_rR)
-    U.copy_(turned.U_FR)
-    C1.copy_(turned.C1_RD)
+    turn_along_gauge_(U, C1, float(group["lr"]) * scale * step_rR)
 
 
 @torch.no_grad()
@@ -595,7 +631,7 @@ def _snapshot_scaled_steps(optimizer: Optimizer, targets: list[weakref.ref[nn.Mo
         for name, scale in step_scales(sae).items():
             param = getattr(sae, name, None)
             if isinstance(param, Tensor) and scale != 1.0 and _optimizes(optimizer, param):
-                snapshots.append((param, param.detach().clone(), scale))
+                snapshots.append((param, _snapshot(sae, name, param), scale))
         gauge_scale = gauge_step_scale(sae)
         U, C1 = getattr(sae, "U", None), getattr(sae, "C1", None)
         if (
@@ -617,9 +653,25 @@ def _snapshot_scaled_steps(optimizer: Optimizer, targets: list[weakref.ref[nn.Mo
 
 
 @torch.no_grad()
+def _snapshot(sae: nn.Module, name: str, param: Tensor) -> Tensor:
+    """A copy of ``param``'s values in a buffer kept between steps for ``sae.<name>``."""
+    buffers = _SNAPSHOT_BUFFERS.setdefault(sae, {})
+    buffer = buffers.get(name)
+    if (
+        buffer is None
+        or buffer.shape != param.shape
+        or buffer.dtype != param.dtype
+        or buffer.device != param.device
+    ):
+        buffer = buffers[name] = torch.empty_like(param, requires_grad=False)
+    return buffer.copy_(param.detach())
+
+
 def _finish_step(optimizer: Optimizer, targets: list[weakref.ref[nn.Module]]) -> None:
     for param, before, scale in _SNAPSHOTS.pop(optimizer, []):
-        param.copy_(before + scale * (param - before))
+        # before + scale * (param - before), in place: no [d_sae, R1] temporaries
+        with torch.no_grad():
+            param.lerp_(before, 1.0 - scale)
     for turned, gamma_rR, scale in _GAUGE_GRADIENTS.pop(optimizer, []):
         gauge_step_(turned, optimizer, gamma_rR, scale)
     for ref in targets:
