@@ -132,7 +132,27 @@ def _result(trainer: Any, hashes: list[str]) -> dict[str, Any]:
 
 
 def rank_main(rank: int, out_dir: str, scenarios: list[str], fail_rank: int | None) -> None:
-    """One rank: train every scenario data-parallel, save the results."""
+    """One rank: train every scenario data-parallel, save the results.
+
+    A rank that fails exits at once with status 1 after printing its traceback:
+    after gloo's process group is aborted, interpreter shutdown sometimes waits
+    forever on a thread torch.distributed left behind (2 runs in 6 here, a
+    thread with no Python frame). torchrun kills such a worker; this harness
+    has no launcher, and what the tests check is that every rank *fails*
+    promptly, not how the interpreter then shuts down.
+    """
+    try:
+        _rank_main(rank, out_dir, scenarios, fail_rank)
+    except BaseException:
+        import sys
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _rank_main(rank: int, out_dir: str, scenarios: list[str], fail_rank: int | None) -> None:
     torch.set_num_threads(1)
     from polysae_lens.distributed import DistributedConfig, DistributedSAETrainer
     from polysae_lens.distributed.process_group import fail_fast, init_process_group
