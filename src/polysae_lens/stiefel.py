@@ -272,8 +272,8 @@ _global_hooks: tuple[RemovableHandle, RemovableHandle] | None = globals().get("_
 
 
 def track_for_retraction(sae: nn.Module) -> None:
-    """Retract ``sae.U`` (and scale its C1 step) around every step of any
-    optimizer that updates it.
+    """Retract ``sae.U`` (and scale its C1 and U steps, and turn it along the
+    gauge) around every step of any optimizer that updates it.
 
     Every PolySAE class calls this when it is built; users only need it for a
     module of their own that exposes a ``U`` parameter.
@@ -291,7 +291,7 @@ def attach_stiefel_retraction(
     optimizer: Optimizer, saes: Iterable[nn.Module] | None = None
 ) -> RemovableHandle:
     """Retract the U of ``saes`` (default: every PolySAE whose U ``optimizer``
-    updates) after each ``optimizer.step()``, and scale their C1 steps, for
+    updates) after each ``optimizer.step()``, and scale their C1 and U steps, for
     custom training loops.
 
     PolySAEs need no call: any optimizer handles them automatically. Attaching

@@ -23,7 +23,8 @@ encoder's input is differentiated as a copy onto every rank (backward: sum), see
 :func:`reduce_from_shards` and :func:`copy_to_shards`.
 
 Supported: TopK PolySAE (architecture ``"poly"``), any order and ranks, MSE
-loss, Adam with C1's step scale, retraction every step. Not supported (refused
+loss, Adam with C1's and U's step scales, retraction every step. Not supported
+(refused
 by :func:`shard_poly_sae` with the reason): BatchTopK/Matryoshka/JumpReLU/gated
 sparsifiers, the gauge step, ``stiefel_every_n_steps != 1``, moment projection,
 AuxK in :func:`sharded_train_step` (MSE only; the SAETrainer integration,
