@@ -24,8 +24,7 @@ encoder's input is differentiated as a copy onto every rank (backward: sum), see
 
 Supported: TopK PolySAE (architecture ``"poly"``), any order and ranks, MSE
 loss, Adam with C1's and U's step scales, retraction every step. Not supported
-(refused
-by :func:`shard_poly_sae` with the reason): BatchTopK/Matryoshka/JumpReLU/gated
+(refused by :func:`shard_poly_sae` with the reason): BatchTopK/Matryoshka/JumpReLU/gated
 sparsifiers, the gauge step, ``stiefel_every_n_steps != 1``, moment projection,
 AuxK in :func:`sharded_train_step` (MSE only; the SAETrainer integration,
 :mod:`.sharded_trainer`, adds :func:`sharded_auxk_loss`). Training through
