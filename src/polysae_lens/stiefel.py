@@ -446,6 +446,14 @@ def _low_rank_turn(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> _LowRankTurn
     return _LowRankTurn(UX_F2r @ K, step_rR, new_C1)
 
 
+def _turned_U(U_FR: Tensor, turn: _LowRankTurn) -> Tensor:
+    """``U Q`` as a new tensor in the turn's dtype."""
+    r = turn.step_rR.shape[0]
+    new_U = U_FR.to(turn.W_F2r.dtype) - turn.W_F2r[:, :r] @ turn.step_rR
+    new_U[:, :r] -= turn.W_F2r[:, r:]
+    return new_U
+
+
 def turn_along_gauge(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> GaugeTurn:
     """``U Q`` and ``Q^T C1`` for the Cayley rotation ``Q = (I + S/2)^-1 (I - S/2)``
     (orthogonal, ``exp(-S)`` to second order) of the skew matrix S whose first r
@@ -459,10 +467,7 @@ def turn_along_gauge(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> GaugeTurn:
     ``2 d_sae r R1`` multiply-adds instead of ``d_sae R1^2``.
     """
     turn = _low_rank_turn(U_FR, C1_RD, step_rR)
-    r = step_rR.shape[0]
-    new_U = U_FR.to(turn.W_F2r.dtype) - turn.W_F2r[:, :r] @ turn.step_rR
-    new_U[:, :r] -= turn.W_F2r[:, r:]
-    return GaugeTurn(new_U.to(U_FR.dtype), turn.C1_RD.to(C1_RD.dtype))
+    return GaugeTurn(_turned_U(U_FR, turn).to(U_FR.dtype), turn.C1_RD.to(C1_RD.dtype))
 
 
 @torch.no_grad()
@@ -476,9 +481,7 @@ def turn_along_gauge_(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> None:
         U_FR.addmm_(turn.W_F2r[:, :r], turn.step_rR, alpha=-1)
         U_FR[:, :r] -= turn.W_F2r[:, r:]
     else:
-        new_U = U_FR.to(turn.W_F2r.dtype) - turn.W_F2r[:, :r] @ turn.step_rR
-        new_U[:, :r] -= turn.W_F2r[:, r:]
-        U_FR.copy_(new_U)
+        U_FR.copy_(_turned_U(U_FR, turn))
     C1_RD.copy_(turn.C1_RD)
 
 
@@ -652,7 +655,6 @@ def _snapshot_scaled_steps(optimizer: Optimizer, targets: list[weakref.ref[nn.Mo
     _GAUGE_GRADIENTS[optimizer] = gauges
 
 
-@torch.no_grad()
 def _snapshot(sae: nn.Module, name: str, param: Tensor) -> Tensor:
     """A copy of ``param``'s values in a buffer kept between steps for ``sae.<name>``."""
     buffers = _SNAPSHOT_BUFFERS.setdefault(sae, {})
@@ -667,11 +669,11 @@ def _snapshot(sae: nn.Module, name: str, param: Tensor) -> Tensor:
     return buffer.copy_(param.detach())
 
 
+@torch.no_grad()
 def _finish_step(optimizer: Optimizer, targets: list[weakref.ref[nn.Module]]) -> None:
     for param, before, scale in _SNAPSHOTS.pop(optimizer, []):
         # before + scale * (param - before), in place: no [d_sae, R1] temporaries
-        with torch.no_grad():
-            param.lerp_(before, 1.0 - scale)
+        param.lerp_(before, 1.0 - scale)
     for turned, gamma_rR, scale in _GAUGE_GRADIENTS.pop(optimizer, []):
         gauge_step_(turned, optimizer, gamma_rR, scale)
     for ref in targets:
