@@ -122,19 +122,21 @@ def test_turn_along_gauge_by_zero_is_the_identity() -> None:
     ("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
 )
 @pytest.mark.parametrize("scale", [0.0, 1.0])
+# (1, 8) and (2, 12) take the low-rank update, (3, 8) and (8, 8) the dense U @ Q
+@pytest.mark.parametrize(("rows", "rank"), [(1, 8), (2, 12), (3, 8), (8, 8)])
 def test_in_place_turn_matches_the_dense_rotation(
-    dtype: torch.dtype, tol: float, scale: float
+    dtype: torch.dtype, tol: float, scale: float, rows: int, rank: int
 ) -> None:
     gen = torch.Generator().manual_seed(3)
-    U = torch.linalg.qr(torch.randn(40, 8, generator=gen, dtype=torch.float64))[0]
-    C1 = torch.randn(8, 7, generator=gen, dtype=torch.float64)
-    A = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(40, rank, generator=gen, dtype=torch.float64))[0]
+    C1 = torch.randn(rank, 7, generator=gen, dtype=torch.float64)
+    A = torch.randn(rank, rank, generator=gen, dtype=torch.float64)
     S = scale * 0.5 * (A - A.T)
-    S[3:, 3:] = 0
+    S[rows:, rows:] = 0
     Q = dense_cayley(S)
     U_turned, C1_turned = U.to(dtype, copy=True), C1.to(dtype, copy=True)
     storage = U_turned.data_ptr()
-    turn_along_gauge_(U_turned, C1_turned, S[:3].to(dtype))
+    turn_along_gauge_(U_turned, C1_turned, S[:rows].to(dtype))
     assert U_turned.data_ptr() == storage and U_turned.dtype == dtype  # in place
     torch.testing.assert_close(U_turned.double(), U @ Q, atol=tol, rtol=0)
     torch.testing.assert_close(C1_turned.double(), Q.T @ C1, atol=tol * 10, rtol=0)

@@ -417,18 +417,17 @@ class GaugeTurn(NamedTuple):
     """``Q^T @ C1`` [R1, d_in]."""
 
 
-class _LowRankTurn(NamedTuple):
-    """``U Q = U - W_F2r[:, :r] @ step_rR`` with ``W_F2r[:, r:]`` taken off U's
-    first r columns (computed in ``W_F2r``'s dtype), and ``Q^T C1``."""
+class _CayleyFactors(NamedTuple):
+    """``Q = I - X K Y^T`` (:func:`turn_along_gauge`'s notation) in the turn's
+    dtype, and ``Q^T C1``."""
 
-    W_F2r: Tensor
     step_rR: Tensor
+    K_2r2r: Tensor
     C1_RD: Tensor
 
 
-def _low_rank_turn(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> _LowRankTurn:
+def _cayley_factors(C1_RD: Tensor, step_rR: Tensor, dtype: torch.dtype) -> _CayleyFactors:
     r = step_rR.shape[0]
-    dtype = _at_least_float32(U_FR.dtype)
     step_rR = step_rR.to(dtype)
     A_rr, B_rQ = step_rR[:, :r], step_rR[:, r:]
     eye_rr = torch.eye(r, dtype=step_rR.dtype, device=step_rR.device)
@@ -436,21 +435,50 @@ def _low_rank_turn(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> _LowRankTurn
         [torch.cat([A_rr, -B_rQ @ B_rQ.T], 1), torch.cat([eye_rr, torch.zeros_like(eye_rr)], 1)]
     )
     K = torch.linalg.inv(torch.eye(2 * r, dtype=YtX.dtype, device=YtX.device) + YtX / 2)
-    U = U_FR.to(dtype)
-    UX_F2r = torch.cat([U[:, :r], -(U[:, r:] @ B_rQ.T)], 1)
     C1 = C1_RD.to(dtype)
     XtC1 = torch.cat([C1[:r], -(B_rQ @ C1[r:])])
     T_2rD = K.T @ XtC1  # Q^T C1 = C1 - Y K^T X^T C1
     new_C1 = C1 - step_rR.T @ T_2rD[:r]
     new_C1[:r] -= T_2rD[r:]
-    return _LowRankTurn(UX_F2r @ K, step_rR, new_C1)
+    return _CayleyFactors(step_rR, K, new_C1)
 
 
-def _turned_U(U_FR: Tensor, turn: _LowRankTurn) -> Tensor:
+def _rotation(f: _CayleyFactors, rank: int) -> Tensor:
+    """``Q`` itself, [R1, R1]."""
+    r = f.step_rR.shape[0]
+    eye = torch.eye(rank, dtype=f.K_2r2r.dtype, device=f.K_2r2r.device)
+    X_R2r = torch.zeros(rank, 2 * r, dtype=eye.dtype, device=eye.device)
+    X_R2r[:r, :r] = eye[:r, :r]
+    X_R2r[r:, r:] = -f.step_rR[:, r:].T
+    Y_R2r = torch.cat([f.step_rR.T, eye[:, :r]], 1)
+    return eye - (X_R2r @ f.K_2r2r) @ Y_R2r.T
+
+
+def _dense_turn_is_cheaper(rank: int, r: int) -> bool:
+    """Whether ``U @ Q`` (d_sae R1^2 multiply-adds) costs less than the low-rank
+    update (about d_sae (2 r R1 + 3 r^2), and more passes over [d_sae, 2r]
+    temporaries): so for r above ~R1 / 3, e.g. R2 = R1 / 2."""
+    return rank * rank <= 2 * rank * r + 3 * r * r
+
+
+def _low_rank_update(U_FR: Tensor, f: _CayleyFactors) -> Tensor:
+    """``W = U X K`` [d_sae, 2r]: ``U Q = U - W[:, :r] @ step`` with ``W[:, r:]``
+    taken off U's first r columns."""
+    r = f.step_rR.shape[0]
+    U = U_FR.to(f.K_2r2r.dtype)
+    UX_F2r = torch.cat([U[:, :r], -(U[:, r:] @ f.step_rR[:, r:].T)], 1)
+    return UX_F2r @ f.K_2r2r
+
+
+def _turned_U(U_FR: Tensor, f: _CayleyFactors) -> Tensor:
     """``U Q`` as a new tensor in the turn's dtype."""
-    r = turn.step_rR.shape[0]
-    new_U = U_FR.to(turn.W_F2r.dtype) - turn.W_F2r[:, :r] @ turn.step_rR
-    new_U[:, :r] -= turn.W_F2r[:, r:]
+    r, rank = f.step_rR.shape
+    U = U_FR.to(f.K_2r2r.dtype)
+    if _dense_turn_is_cheaper(rank, r):
+        return U @ _rotation(f, rank)
+    W_F2r = _low_rank_update(U, f)
+    new_U = U - W_F2r[:, :r] @ f.step_rR
+    new_U[:, :r] -= W_F2r[:, r:]
     return new_U
 
 
@@ -464,25 +492,28 @@ def turn_along_gauge(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> GaugeTurn:
     ``Y = [step^T, E]`` (E the first r columns of I, ``F = [0; -B^T]``,
     ``B = step_rR[:, r:]``), Woodbury gives ``Q = I - X K Y^T`` with
     ``K = (I + Y^T X / 2)^-1`` (2r x 2r), so turning U costs about
-    ``2 d_sae r R1`` multiply-adds instead of ``d_sae R1^2``.
+    ``2 d_sae r R1`` multiply-adds instead of ``d_sae R1^2``; where r is a large
+    share of R1 the dense product ``U @ Q`` is cheaper and is used instead.
     """
-    turn = _low_rank_turn(U_FR, C1_RD, step_rR)
-    return GaugeTurn(_turned_U(U_FR, turn).to(U_FR.dtype), turn.C1_RD.to(C1_RD.dtype))
+    f = _cayley_factors(C1_RD, step_rR, _at_least_float32(U_FR.dtype))
+    return GaugeTurn(_turned_U(U_FR, f).to(U_FR.dtype), f.C1_RD.to(C1_RD.dtype))
 
 
 @torch.no_grad()
 def turn_along_gauge_(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> None:
-    """:func:`turn_along_gauge` in place: for float32/float64 U the update is
-    added to U directly (no [d_sae, R1] temporaries, which at GPT-2 scale cost
-    more than the products); half-precision U goes through float32."""
-    turn = _low_rank_turn(U_FR, C1_RD, step_rR)
-    r = step_rR.shape[0]
-    if U_FR.dtype == turn.W_F2r.dtype:
-        U_FR.addmm_(turn.W_F2r[:, :r], turn.step_rR, alpha=-1)
-        U_FR[:, :r] -= turn.W_F2r[:, r:]
+    """:func:`turn_along_gauge` in place: for float32/float64 U the low-rank
+    update is added to U directly (no [d_sae, R1] temporaries, which at GPT-2
+    scale cost more than the products); half-precision U, and the dense
+    product, go through one temporary."""
+    f = _cayley_factors(C1_RD, step_rR, _at_least_float32(U_FR.dtype))
+    r, rank = step_rR.shape
+    if U_FR.dtype == f.K_2r2r.dtype and not _dense_turn_is_cheaper(rank, r):
+        W_F2r = _low_rank_update(U_FR, f)
+        U_FR.addmm_(W_F2r[:, :r], f.step_rR, alpha=-1)
+        U_FR[:, :r] -= W_F2r[:, r:]
     else:
-        U_FR.copy_(_turned_U(U_FR, turn))
-    C1_RD.copy_(turn.C1_RD)
+        U_FR.copy_(_turned_U(U_FR, f))
+    C1_RD.copy_(f.C1_RD)
 
 
 @torch.no_grad()
