@@ -43,6 +43,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -342,8 +343,10 @@ def run_suite(
     k: int = 3,
     lr: float = 3e-3,
     batch: int = 512,
+    on_result: Callable[[list[RunResult]], None] | None = None,
 ) -> list[RunResult]:
-    results = []
+    """Train ``rows`` on each seed's data; ``on_result(results so far)`` after every run."""
+    results: list[RunResult] = []
     for seed in seeds:
         truth = build_in_class(dataclasses.replace(cfg, seed=seed))
         source = DataSource(truth, linear=linear)
@@ -370,6 +373,8 @@ def run_suite(
                 file=sys.stderr,
                 flush=True,
             )
+            if on_result is not None:
+                on_result(results)
     print_table(
         f"{title}, lr {lr:g}, batch {batch}, k {k}, seeds {seeds}", results, [budget, 4 * budget]
     )
@@ -413,6 +418,15 @@ def print_merged(paths: list[str]) -> dict[str, Any]:
     return merged
 
 
+def write_json(path: str, report: dict[str, Any]) -> None:
+    """Write ``report`` to ``path`` whole: through a temporary file and a rename, so
+    a reader (or a run killed mid-write) never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(report, fh, indent=1, default=str)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few steps")
@@ -422,7 +436,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--suite", nargs="+", default=["inclass", "linear"], choices=["inclass", "linear", "order3"]
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--json", default=None, help="write the results here (rewritten after every run)"
+    )
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        default=None,
+        help="train only these (names as printed, e.g. topk poly2 oracle); gap closed "
+        "needs topk and oracle",
+    )
     parser.add_argument(
         "--from-json",
         nargs="+",
@@ -444,24 +467,58 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch = 64 if args.quick else 512
     start = time.perf_counter()
     report: dict[str, Any] = {}
+
+    def keep(suite: str) -> Callable[[list[RunResult]], None]:
+        """Store the suite's results so far (and write ``--json`` after every run, so
+        that a run cut short keeps what it finished)."""
+
+        def store(results: list[RunResult]) -> None:
+            report[suite] = [vars(r) for r in results]
+            if args.json:
+                write_json(args.json, report)
+
+        return store
+
+    def chosen(rows: list[Contender]) -> list[Contender]:
+        return [c for c in rows if args.contenders is None or c.name in args.contenders]
+
     if "inclass" in args.suite:
-        res = run_suite(
-            "in-class order 2", contenders(), cfg, seeds, budget, n_eval, k=k, batch=batch
+        rows = chosen(contenders())
+        run_suite(
+            "in-class order 2",
+            rows,
+            cfg,
+            seeds,
+            budget,
+            n_eval,
+            k=k,
+            batch=batch,
+            on_result=keep("inclass"),
         )
-        report["inclass"] = [vars(r) for r in res]
     if "order3" in args.suite:
         cfg3 = dataclasses.replace(cfg, poly_order=3, quadratic_share=0.2, cubic_share=0.15)
-        rows = [
-            Contender("topk", "topk"),
-            Contender("poly3", "poly", 3),
-            Contender("oracle", "oracle", 3),
-        ]
-        res = run_suite("in-class order 3", rows, cfg3, seeds, budget, n_eval, k=k, batch=batch)
-        report["order3"] = [vars(r) for r in res]
+        rows = chosen(
+            [
+                Contender("topk", "topk"),
+                Contender("poly3", "poly", 3),
+                Contender("oracle", "oracle", 3),
+            ]
+        )
+        run_suite(
+            "in-class order 3",
+            rows,
+            cfg3,
+            seeds,
+            budget,
+            n_eval,
+            k=k,
+            batch=batch,
+            on_result=keep("order3"),
+        )
     if "linear" in args.suite:
-        res = run_suite(
+        run_suite(
             "linear data",
-            contenders(with_oracle=False),
+            chosen(contenders(with_oracle=False)),
             cfg,
             seeds,
             budget,
@@ -469,14 +526,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             linear=True,
             k=k,
             batch=batch,
+            on_result=keep("linear"),
         )
-        report["linear"] = [vars(r) for r in res]
     print(
         f"\ntotal wall time {time.perf_counter() - start:.0f}s (threads {torch.get_num_threads()})"
     )
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1, default=str)
     return report
 
 

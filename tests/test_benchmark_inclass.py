@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,24 @@ def test_gap_closed() -> None:
     assert bench.gap_closed(1.0, 0.5, 0.0) == pytest.approx(0.5)
     assert bench.gap_closed(0.8, 0.8, 0.4) == pytest.approx(0.0)
     assert bench.gap_closed(0.8, 0.9, 0.4) < 0
+
+
+def test_chosen_contenders_and_a_run_cut_short_keeps_what_it_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "r.json"
+    real_train = bench.train
+
+    def train_until_poly1(c: bench.Contender, *args: Any, **kwargs: Any) -> bench.RunResult:
+        if c.name == "poly1":
+            raise KeyboardInterrupt  # as if the run were killed here
+        return real_train(c, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "train", train_until_poly1)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--quick", "--suite", "inclass", "linear", "--contenders", "topk", "poly2",
+                    "poly1", "--json", str(path)])  # fmt: skip
+    report = json.loads(path.read_text())
+    assert [r["name"] for r in report["inclass"]] == ["topk", "poly2"]  # in order, no others
+    assert "linear" not in report
+    assert not (tmp_path / "r.json.tmp").exists()
