@@ -288,25 +288,41 @@ def print_table(title: str, results: list[RunResult], budgets: list[int]) -> Non
     print("|---" * (len(names) + 1) + "|")
     for b in budgets:
         print(f"| {b} | " + " | ".join(fmt(table[n][b]) for n in names) + " |")
+    by_seed = {(r.name, r.seed): r.mse for r in results}
+    seeds = sorted({r.seed for r in results})
+
+    def paired(*contenders: str) -> tuple[list[int], list[int]]:
+        """Seeds with a run of every contender, and seeds left out."""
+        full = [s for s in seeds if all((c, s) in by_seed for c in contenders)]
+        return full, [s for s in seeds if s not in full]
+
     if "oracle" in table and "topk" in table:
         for name in names:
             if name in ("topk", "oracle"):
                 continue
+            full, missing = paired("topk", name, "oracle")
+            note = f"; seeds {missing} lack a run and are left out" if missing else ""
             for b in budgets:
                 per_seed = [
-                    gap_closed(t, p, o)
-                    for t, p, o in zip(
-                        table["topk"][b], table[name][b], table["oracle"][b], strict=True
+                    gap_closed(
+                        by_seed[("topk", s)][b], by_seed[(name, s)][b], by_seed[("oracle", s)][b]
                     )
+                    for s in full
                 ]
-                print(f"gap closed by {name} at {b}: {fmt(per_seed)} (per seed {per_seed})")
+                if per_seed:
+                    print(
+                        f"gap closed by {name} at {b}: {fmt(per_seed)} (per seed {per_seed}{note})"
+                    )
     elif "topk" in table:
         for name in names:
             if name == "topk":
                 continue
+            full, missing = paired("topk", name)
+            note = f" (seeds {missing} lack a run and are left out)" if missing else ""
             for b in budgets:
-                ratio = [p / t for t, p in zip(table["topk"][b], table[name][b], strict=True)]
-                print(f"MSE {name} / topk at {b}: {fmt(ratio)}")
+                ratio = [by_seed[(name, s)][b] / by_seed[("topk", s)][b] for s in full]
+                if ratio:
+                    print(f"MSE {name} / topk at {b}: {fmt(ratio)}{note}")
     with_metric = [r for r in results if "metric" in r.extra]
     if with_metric:
         print("pair cos (weighted over co-firing pairs) / share of atoms matched:")

@@ -98,3 +98,23 @@ def test_chosen_contenders_and_a_run_cut_short_keeps_what_it_finished(
     assert [r["name"] for r in report["inclass"]] == ["topk", "poly2"]  # in order, no others
     assert "linear" not in report
     assert not (tmp_path / "r.json.tmp").exists()
+
+
+def test_gap_closed_pairs_runs_by_seed_and_names_the_seeds_left_out(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # seed 7 has no oracle run (cut short); seeds 3 and 5 pair up, whatever the order
+    runs = [
+        bench.RunResult("topk", 3, {10: 1.0}),
+        bench.RunResult("topk", 7, {10: 9.0}),
+        bench.RunResult("topk", 5, {10: 2.0}),
+        bench.RunResult("poly2", 7, {10: 9.0}),
+        bench.RunResult("poly2", 5, {10: 1.0}),
+        bench.RunResult("poly2", 3, {10: 0.5}),
+        bench.RunResult("oracle", 5, {10: 0.0}),
+        bench.RunResult("oracle", 3, {10: 0.0}),
+    ]
+    bench.print_table("t", runs, [10])
+    out = capsys.readouterr().out
+    # seed 3: (1 - 0.5) / (1 - 0) = 0.5; seed 5: (2 - 1) / (2 - 0) = 0.5
+    assert "gap closed by poly2 at 10: 0.500 ± 0.000 (per seed [0.5, 0.5]; seeds [7] lack" in out
