@@ -11,13 +11,16 @@ from the same weights and inputs and prints the largest relative difference:
   against the CPU run, U orthonormal within 1e-5 after every step);
 - a bf16-autocast training step (its loss against float32's).
 
-Part 2 (timings) runs SAELens's ``TopKTrainingSAE``, PolySAE and, if it is
-installed, EleutherAI's sparsify (``SparseCoder``, its Triton kernels on a GPU)
-at the GPT-2 shape and at 65k latents, in float32 and under bf16 autocast,
-contenders interleaved, and prints training and inference tokens/s, peak device
-memory and ratios to SAELens's TopK.
+Part 2 (timings) runs SAELens's ``TopKTrainingSAE``, PolySAE (package defaults;
+``polysae_previous``: training only, with the defaults before issue 13's fourth
+pass, no gauge step and U's step unscaled) and, if it is installed, EleutherAI's
+sparsify (``SparseCoder``, its Triton kernels on a GPU) at the GPT-2 shape and
+at 65k latents, in float32 and under bf16 autocast, contenders interleaved, and
+prints training and inference tokens/s, peak device memory and ratios to
+SAELens's TopK; ``--profile N`` adds torch.profiler's table of N PolySAE steps.
 
     python benchmarks/gpu_suite.py                       # on a CUDA machine (< 5 min)
+    python benchmarks/gpu_suite.py --skip-checks --shapes gpt2 --profile 5
     python benchmarks/gpu_suite.py --device cpu --quick  # the CPU fallback (a smoke run)
 
 Without a CUDA device it says so and runs both parts on the CPU (``--quick``:
@@ -42,6 +45,7 @@ from sae_lens.saes.sae import TrainStepInput
 
 import polysae_lens
 from polysae_lens import orthogonality_error, qr_retract
+from polysae_lens.config import PREVIOUS_TRAINING_DEFAULTS
 from polysae_lens.stiefel import cholesky_qr_retract_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,7 +79,8 @@ class Check(NamedTuple):
 # ---- part 1: checks ------------------------------------------------------------
 
 
-def poly_training_sae(arch: str, shape: Shape, dtype: str = "float32") -> Any:
+def poly_training_sae(arch: str, shape: Shape, dtype: str = "float32", **fields: Any) -> Any:
+    """An order-3 PolySAE of ``arch`` at ``shape``, package defaults but for ``fields``."""
     cfg: dict[str, Any] = {
         "architecture": arch,
         "d_in": shape.d_in,
@@ -85,6 +90,7 @@ def poly_training_sae(arch: str, shape: Shape, dtype: str = "float32") -> Any:
         "poly_ranks": list(shape.ranks),
         "dtype": dtype,
     }
+    cfg |= fields
     if arch == "poly_matryoshka":
         cfg["matryoshka_widths"] = [shape.d_sae // 4, shape.d_sae]
     torch.manual_seed(0)
@@ -270,7 +276,13 @@ class Timer:
         return begin.elapsed_time(end) / 1000
 
 
-def time_shape(shape: Shape, device: str, autocast: bool, repeats: int) -> dict[str, float]:
+def time_shape(
+    shape: Shape, device: str, autocast: bool, repeats: int, profile: int = 0
+) -> dict[str, float]:
+    """Median seconds of each contender's training step and inference (and peak
+    device memory on a GPU); ``profile`` > 0 also prints a profile of that many
+    PolySAE training steps. ``polysae_previous`` is PolySAE with the defaults before
+    issue 13's fourth pass (no gauge step, U's step unscaled)."""
     dev_type = torch.device(device).type
     gen = torch.Generator().manual_seed(1)
     batch = torch.randn(shape.batch, shape.d_in, generator=gen).to(device)
@@ -278,6 +290,10 @@ def time_shape(shape: Shape, device: str, autocast: bool, repeats: int) -> dict[
     poly = on_device(poly_training_sae("poly", shape), device)
     trainers = {"saelens_topk": make_trainer(topk, shape, device, autocast)}
     trainers["polysae"] = make_trainer(poly, shape, device, autocast)
+    previous = poly_training_sae("poly", shape, **PREVIOUS_TRAINING_DEFAULTS)
+    trainers["polysae_previous"] = make_trainer(
+        on_device(previous, device), shape, device, autocast
+    )
     fns: dict[str, Callable[[], Any]] = {
         f"train/{name}": (lambda t=t: t.step(batch)) for name, t in trainers.items()
     }
@@ -308,7 +324,29 @@ def time_shape(shape: Shape, device: str, autocast: bool, repeats: int) -> dict[
     times = {name: statistics.median(values) for name, values in samples.items()}
     if torch.device(device).type == "cuda":
         times |= peak_memory(shape, device, autocast)
+    if profile:
+        print_profile(trainers["polysae"], batch, device, autocast, profile)
     return times
+
+
+def print_profile(
+    trainer: SAETrainer[Any, Any], batch: torch.Tensor, device: str, autocast: bool, steps: int
+) -> None:
+    """torch.profiler's table of ``steps`` training steps, by time on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"\n### profile: {steps} PolySAE training steps, autocast={autocast}")
+    print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=48))
 
 
 def peak_memory(shape: Shape, device: str, autocast: bool) -> dict[str, float]:
@@ -341,7 +379,7 @@ def report_timings(shape: Shape, autocast: bool, times: dict[str, float]) -> Non
     for kind in ("train", "infer"):
         base = times[f"{kind}/saelens_topk"]
         peer = times.get(f"{kind}/sparsify")
-        for name in ("saelens_topk", "polysae", "sparsify"):
+        for name in ("saelens_topk", "polysae", "polysae_previous", "sparsify"):
             key = f"{kind}/{name}"
             if key not in times:
                 continue
@@ -372,6 +410,14 @@ def main(argv: list[str] | None = None) -> int:
         "--shapes", nargs="+", choices=sorted(TIMING_SHAPES), default=["gpt2", "wide"]
     )
     parser.add_argument("--skip-timings", action="store_true")
+    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also print torch.profiler's table of this many PolySAE training steps per timing",
+    )
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -383,8 +429,9 @@ def main(argv: list[str] | None = None) -> int:
             "script) and the timings are CPU timings"
         )
 
-    checks = run_checks(device)
-    print(f"\n## checks: {device} against the CPU reference")
+    checks = [] if args.skip_checks else run_checks(device)
+    if checks:
+        print(f"\n## checks: {device} against the CPU reference")
     for check in checks:
         status = "ok  " if check.ok else "FAIL"
         print(f"{status} {check.name:<48} {check.error:.2e} (limit {check.limit:.0e})")
@@ -395,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         repeats = 2 if args.quick else args.repeats
         for shape in shapes:
             for autocast in (False, True):
-                report_timings(shape, autocast, time_shape(shape, device, autocast, repeats))
+                times = time_shape(shape, device, autocast, repeats, args.profile)
+                report_timings(shape, autocast, times)
     if failed:
         print(f"\n{len(failed)} check(s) failed: {', '.join(c.name for c in failed)}")
         return 1

@@ -100,10 +100,23 @@ def test_gpu_suite_cpu_fallback_runs_its_checks_and_timings(
         "max |U^T U - I| after every step",
         "bf16 autocast step loss vs float32",
         "train/polysae",
+        "train/polysae_previous",
         "infer/saelens_topk",
     ):
         assert row in out
     assert out.count("## tiny") == 2  # float32 and bf16 autocast
+
+
+def test_gpu_suite_profiles_polysae_steps_and_can_skip_its_checks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import gpu_suite
+
+    assert gpu_suite.main(["--device", "cpu", "--quick", "--skip-checks", "--profile", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "## checks" not in out
+    assert out.count("### profile: 2 PolySAE training steps") == 2  # float32 and bf16
+    assert "aten::" in out  # the profiler's rows
 
 
 def test_gpu_suite_reports_a_failed_check() -> None:
