@@ -402,3 +402,11 @@ def test_dense_codes_take_the_dense_decode() -> None:
     out = sae.decode(z)
     sae.sparse_kernels = False
     torch.testing.assert_close(out, sae.decode(z))
+
+
+def test_counts_with_and_without_a_host_sync_count_each_index() -> None:
+    index = torch.tensor([3, 0, 3, 3, 5, 0])
+    by_hand = [2, 0, 0, 3, 0, 1, 0]  # n = 7: trailing indices that never occur count 0
+    assert sparse.counts(index, 7).tolist() == by_hand  # the CPU's bincount
+    assert sparse.counts_without_sync(index, 7).tolist() == by_hand  # the GPU's path
+    assert sparse.counts_without_sync(index[:0], 3).tolist() == [0, 0, 0]

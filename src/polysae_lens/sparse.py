@@ -89,8 +89,24 @@ def latent_major(rows_N: Tensor, cols_N: Tensor, d_sae: int) -> LatentMajor:
     """The latent-major layout of the entries at (rows_N, cols_N)."""
     cols_sorted_N, perm_N = torch.sort(cols_N, stable=True)
     crow_F1 = torch.zeros(d_sae + 1, dtype=torch.long, device=cols_N.device)
-    torch.cumsum(torch.bincount(cols_sorted_N, minlength=d_sae), 0, out=crow_F1[1:])
+    torch.cumsum(counts(cols_sorted_N, d_sae), 0, out=crow_F1[1:])
     return LatentMajor(perm_N, crow_F1, rows_N.index_select(0, perm_N))
+
+
+def counts(index_N: Tensor, n: int) -> Tensor:
+    """How often each of ``0 .. n-1`` occurs in ``index_N`` (all below n) [n]
+    (int64). On the CPU ``torch.bincount``; elsewhere :func:`counts_without_sync`,
+    since bincount finds its output's size on the host, a device-to-host sync
+    (and ``index_add_`` is many times slower than bincount on the CPU)."""
+    if index_N.device.type == "cpu":
+        return torch.bincount(index_N, minlength=n)
+    return counts_without_sync(index_N, n)
+
+
+def counts_without_sync(index_N: Tensor, n: int) -> Tensor:
+    """:func:`counts` as an ``index_add_`` into a zero [n] tensor (no host sync)."""
+    out = torch.zeros(n, dtype=torch.long, device=index_N.device)
+    return out.index_add_(0, index_N, torch.ones_like(index_N, dtype=torch.long))
 
 
 def transposed_product(by_latent: LatentMajor, vals_N: Tensor, X_BD: Tensor) -> Tensor:
@@ -103,10 +119,13 @@ def transposed_product(by_latent: LatentMajor, vals_N: Tensor, X_BD: Tensor) -> 
     weight gradient (which sorts the indices each time; the latent-major layout
     is built once per selection and shared by every gradient that needs it).
     """
-    n_latents = by_latent.crow_F1.shape[0] - 1
     with _summing_dtype(X_BD) as dtype:
+        # all entries: bounds known on the host (the layout holds every entry)
         sums_FD = _latent_sums(
-            by_latent, _values_by_latent(by_latent, vals_N, dtype), X_BD.to(dtype), 0, n_latents
+            by_latent,
+            _values_by_latent(by_latent, vals_N, dtype),
+            X_BD.to(dtype),
+            _Bounds(0, by_latent.crow_F1.shape[0] - 1, 0, by_latent.rows_N.shape[0]),
         )
     return sums_FD.to(X_BD.dtype)
 
@@ -131,9 +150,13 @@ def transposed_product_DF(by_latent: LatentMajor, vals_N: Tensor, X_BD: Tensor) 
         X = X_BD.to(dtype)
         vals_by_latent_N = _values_by_latent(by_latent, vals_N, dtype)
         out_DF = X.new_empty(X.shape[1], n_latents)
-        for start in range(0, n_latents, LATENT_CHUNK):
-            stop = min(start + LATENT_CHUNK, n_latents)
-            out_DF[:, start:stop].copy_(_latent_sums(by_latent, vals_by_latent_N, X, start, stop).T)
+        starts = [*range(0, n_latents, LATENT_CHUNK), n_latents]
+        # every chunk's entry range in one transfer (one sync on a GPU, not two per chunk)
+        firsts = by_latent.crow_F1[starts].tolist()
+        for i in range(len(starts) - 1):
+            bounds = _Bounds(starts[i], starts[i + 1], firsts[i], firsts[i + 1])
+            sums = _latent_sums(by_latent, vals_by_latent_N, X, bounds)
+            out_DF[:, bounds.start : bounds.stop].copy_(sums.T)
     return out_DF.to(X_BD.dtype)
 
 
@@ -149,14 +172,22 @@ def _values_by_latent(by_latent: LatentMajor, vals_N: Tensor, dtype: torch.dtype
     return vals_N.to(dtype).index_select(0, by_latent.perm_N)
 
 
+class _Bounds(NamedTuple):
+    """Latents ``[start, stop)`` and their entries ``[first, last)`` in the
+    latent-major order (``first = crow[start]``, ``last = crow[stop]``)."""
+
+    start: int
+    stop: int
+    first: int
+    last: int
+
+
 def _latent_sums(
-    by_latent: LatentMajor, vals_by_latent_N: Tensor, X_BD: Tensor, start: int, stop: int
+    by_latent: LatentMajor, vals_by_latent_N: Tensor, X_BD: Tensor, bounds: _Bounds
 ) -> Tensor:
     """The sums of latents ``[start, stop)`` [stop - start, D]: one bag per latent."""
-    crow = by_latent.crow_F1
-    first, last = int(crow[start]), int(crow[stop])
-    entries = slice(first, last)
-    offsets = crow[start:stop] - first
+    entries = slice(bounds.first, bounds.last)
+    offsets = by_latent.crow_F1[bounds.start : bounds.stop] - bounds.first
     return F.embedding_bag(
         by_latent.rows_N[entries],
         X_BD,
@@ -212,7 +243,7 @@ def code_from_positions(
 ) -> SparseCode:
     """A code from (row, col) positions that are already sorted by row."""
     n_rows, d_sae = shape[0], shape[1]
-    counts_B = torch.bincount(rows_N, minlength=n_rows)
+    counts_B = counts(rows_N, n_rows)
     offsets_B = torch.cumsum(counts_B, 0) - counts_B
     return SparseCode(cols_N, vals_N, offsets_B, rows_N, torch.Size([n_rows]), d_sae)
 

@@ -434,7 +434,9 @@ def _cayley_factors(C1_RD: Tensor, step_rR: Tensor, dtype: torch.dtype) -> _Cayl
     YtX = torch.cat(
         [torch.cat([A_rr, -B_rQ @ B_rQ.T], 1), torch.cat([eye_rr, torch.zeros_like(eye_rr)], 1)]
     )
-    K = torch.linalg.inv(torch.eye(2 * r, dtype=YtX.dtype, device=YtX.device) + YtX / 2)
+    # I + S/2 is invertible for skew S, so is this; inv_ex skips inv's error check,
+    # a device-to-host sync on a GPU
+    K = torch.linalg.inv_ex(torch.eye(2 * r, dtype=YtX.dtype, device=YtX.device) + YtX / 2)[0]
     C1 = C1_RD.to(dtype)
     XtC1 = torch.cat([C1[:r], -(B_rQ @ C1[r:])])
     T_2rD = K.T @ XtC1  # Q^T C1 = C1 - Y K^T X^T C1
@@ -580,7 +582,8 @@ def retract_(sae: nn.Module, optimizer: Optimizer | None = None) -> None:
     U = _projection(sae)
     state = optimizer.state.get(U, {}) if optimizer is not None else {}
     step = state.get("step")
-    if step is not None and int(step) % every_n != 0:
+    # (every_n 1 never reads the count: fused Adam keeps it on the GPU, a sync)
+    if every_n != 1 and step is not None and int(step) % every_n != 0:
         return
     RETRACTIONS[getattr(sae.cfg, "stiefel_method", "qr")](U)
     exp_avg = state.get("exp_avg")
