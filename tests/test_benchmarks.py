@@ -173,3 +173,29 @@ def test_wasserstein_benchmark_rows_agree_with_scipy(capsys: pytest.CaptureFixtu
     assert "64 x 300" in out and "32 x 200" in out and "latent-major" in out
     with pytest.raises(SystemExit):
         bench.main(["--sizes", "64by300"])
+
+
+def test_gpu_syncs_says_there_is_nothing_to_observe_without_cuda(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import gpu_syncs
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the script observes it (tests/test_cuda.py)")
+    assert gpu_syncs.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_gpu_syncs_names_the_package_frames_innermost_first() -> None:
+    import traceback
+
+    import gpu_syncs
+
+    stack = [
+        traceback.FrameSummary("/x/site-packages/sae_lens/training/sae_trainer.py", 10, "fit"),
+        traceback.FrameSummary("/x/lib/python3.11/threading.py", 5, "run"),
+        traceback.FrameSummary("/w/src/polysae_lens/sparse.py", 155, "transposed_product_DF"),
+    ]
+    assert gpu_syncs.where(stack) == (
+        "sparse.py:155:transposed_product_DF <- sae_trainer.py:10:fit"
+    )
