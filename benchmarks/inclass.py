@@ -29,7 +29,8 @@ pairwise interaction vectors ``v_ij``, averaged over the pairs that co-fire in
 4096 generated rows, weighted by co-firing count (``matched`` = share of atoms
 matched).
 A ``linear`` suite repeats TopK, poly2 and poly1 on linear data (SAELens's
-``FeatureDictionary`` atoms, the same codes, no interactions).
+``FeatureDictionary`` atoms, the same codes, no interactions). ``--width`` gives
+the SAEs other than the oracle more (or fewer) latents than there are atoms.
 
 Run from the repository root (one thread; a full run takes ~10-20 min on a
 loaded 2-core machine, ``--quick`` well under a minute)::
@@ -134,12 +135,15 @@ class DataSource:
         return self.dictionary(z_BN)
 
 
-def build(c: Contender, truth: InClassGroundTruth, k: int) -> nn.Module:
+def build(c: Contender, truth: InClassGroundTruth, k: int, width: int | None = None) -> nn.Module:
+    """``c``'s SAE for ``truth``'s data, ``width`` latents (default: one per true atom;
+    the oracle always has one per atom)."""
     cfg = truth.cfg
+    d_sae = cfg.num_atoms if width is None else width
     if c.kind == "topk":
         return TopKTrainingSAE(
             TopKTrainingSAEConfig(
-                d_in=cfg.d_in, d_sae=cfg.num_atoms, k=k, rescale_acts_by_decoder_norm=False
+                d_in=cfg.d_in, d_sae=d_sae, k=k, rescale_acts_by_decoder_norm=False
             )
         )
     if c.kind == "oracle":
@@ -148,7 +152,7 @@ def build(c: Contender, truth: InClassGroundTruth, k: int) -> nn.Module:
     return PolyTopKTrainingSAE(
         PolyTopKTrainingSAEConfig(
             d_in=cfg.d_in,
-            d_sae=cfg.num_atoms,
+            d_sae=d_sae,
             k=k,
             poly_order=c.order,
             poly_ranks=(r1, r2, r3),
@@ -213,15 +217,17 @@ def train(
     probe_every: int = 0,
     setup: Callable[[SAETrainer, nn.Module], None] | None = None,
     metric: Metric | None = None,
+    width: int | None = None,
 ) -> RunResult:
     """Train one contender through the stock SAETrainer; MSE at ``checkpoints``.
 
     ``probe(sae, step)`` (every ``probe_every`` steps) records diagnostics;
     ``setup(trainer, sae)`` runs before training (extra hooks, weight edits);
-    ``metric(sae)`` is recorded with the MSE (``extra["metric"][step]``).
+    ``metric(sae)`` is recorded with the MSE (``extra["metric"][step]``);
+    ``width``: see :func:`build`.
     """
     torch.manual_seed(seed)
-    sae = build(c, source.truth, k)
+    sae = build(c, source.truth, k, width)
     result = RunResult(c.name, seed)
     gen = source.truth.generator(100 + seed)
     step_times: list[float] = []
@@ -360,6 +366,7 @@ def run_suite(
     lr: float = 3e-3,
     batch: int = 512,
     on_result: Callable[[list[RunResult]], None] | None = None,
+    width: int | None = None,
 ) -> list[RunResult]:
     """Train ``rows`` on each seed's data; ``on_result(results so far)`` after every run."""
     results: list[RunResult] = []
@@ -382,6 +389,7 @@ def run_suite(
                     batch=batch,
                     k=k,
                     metric=metric,
+                    width=width,
                 )
             )
             print(
@@ -392,7 +400,9 @@ def run_suite(
             if on_result is not None:
                 on_result(results)
     print_table(
-        f"{title}, lr {lr:g}, batch {batch}, k {k}, seeds {seeds}", results, [budget, 4 * budget]
+        f"{title}, lr {lr:g}, batch {batch}, k {k}, width {width or cfg.num_atoms}, seeds {seeds}",
+        results,
+        [budget, 4 * budget],
     )
     return results
 
@@ -456,6 +466,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--json", default=None, help="write the results here (rewritten after every run)"
     )
     parser.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="latents of every SAE but the oracle (default: one per true atom, 256); "
+        "another width needs --contenders without the oracle",
+    )
+    parser.add_argument(
         "--contenders",
         nargs="+",
         default=None,
@@ -475,6 +492,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     cfg = QUICK_CFG if args.quick else InClassConfig()
     k = cfg.k
+    if args.width is not None:
+        if args.width < k:
+            parser.error(f"--width {args.width}: an SAE needs at least k = {k} latents")
+        oracle_runs = {"inclass", "order3"} & set(args.suite)
+        if (
+            args.width != cfg.num_atoms
+            and oracle_runs
+            and (args.contenders is None or "oracle" in args.contenders)
+        ):
+            parser.error(
+                f"--width {args.width}: the oracle has one latent per true atom "
+                f"({cfg.num_atoms}); pass --contenders without oracle, or --suite linear"
+            )
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     # B = 3000: TopK's MSE there is within ~3% of its 4B = 12000-step MSE (the
     # issue's premise for its budget; docs/inclass-plateau.md), which 1500 is not
@@ -509,6 +539,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             n_eval,
             k=k,
             batch=batch,
+            width=args.width,
             on_result=keep("inclass"),
         )
     if "order3" in args.suite:
@@ -529,6 +560,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             n_eval,
             k=k,
             batch=batch,
+            width=args.width,
             on_result=keep("order3"),
         )
     if "linear" in args.suite:
@@ -542,6 +574,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             linear=True,
             k=k,
             batch=batch,
+            width=args.width,
             on_result=keep("linear"),
         )
     print(

@@ -118,3 +118,18 @@ def test_gap_closed_pairs_runs_by_seed_and_names_the_seeds_left_out(
     out = capsys.readouterr().out
     # seed 3: (1 - 0.5) / (1 - 0) = 0.5; seed 5: (2 - 1) / (2 - 0) = 0.5
     assert "gap closed by poly2 at 10: 0.500 ± 0.000 (per seed [0.5, 0.5]; seeds [7] lack" in out
+
+
+def test_width_sets_every_sae_but_the_oracle_and_refuses_an_oracle_of_another_width(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    truth = build_in_class(bench.QUICK_CFG)
+    for c in bench.contenders():
+        sae: Any = bench.build(c, truth, k=2, width=96)
+        assert sae.cfg.d_sae == (bench.QUICK_CFG.num_atoms if c.kind == "oracle" else 96)
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--suite", "inclass", "--width", "96"])
+    assert "the oracle has one latent per true atom (48)" in capsys.readouterr().err
+    report = bench.main(["--quick", "--suite", "linear", "--width", "96", "--contenders", "topk"])
+    assert "width 96" in capsys.readouterr().out
+    assert [r["name"] for r in report["linear"]] == ["topk"]
