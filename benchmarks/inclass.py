@@ -525,57 +525,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         return store
 
-    def chosen(rows: list[Contender]) -> list[Contender]:
-        return [c for c in rows if args.contenders is None or c.name in args.contenders]
-
-    if "inclass" in args.suite:
-        rows = chosen(contenders())
+    cfg3 = dataclasses.replace(cfg, poly_order=3, quadratic_share=0.2, cubic_share=0.15)
+    order3_rows = [
+        Contender("topk", "topk"),
+        Contender("poly3", "poly", 3),
+        Contender("oracle", "oracle", 3),
+    ]
+    # suite: (title, contenders, data config, linear data), run in this order
+    suites = {
+        "inclass": ("in-class order 2", contenders(), cfg, False),
+        "order3": ("in-class order 3", order3_rows, cfg3, False),
+        "linear": ("linear data", contenders(with_oracle=False), cfg, True),
+    }
+    for suite, (title, rows, suite_cfg, linear) in suites.items():
+        if suite not in args.suite:
+            continue
         run_suite(
-            "in-class order 2",
-            rows,
-            cfg,
+            title,
+            [c for c in rows if args.contenders is None or c.name in args.contenders],
+            suite_cfg,
             seeds,
             budget,
             n_eval,
+            linear=linear,
             k=k,
             batch=batch,
             width=args.width,
-            on_result=keep("inclass"),
-        )
-    if "order3" in args.suite:
-        cfg3 = dataclasses.replace(cfg, poly_order=3, quadratic_share=0.2, cubic_share=0.15)
-        rows = chosen(
-            [
-                Contender("topk", "topk"),
-                Contender("poly3", "poly", 3),
-                Contender("oracle", "oracle", 3),
-            ]
-        )
-        run_suite(
-            "in-class order 3",
-            rows,
-            cfg3,
-            seeds,
-            budget,
-            n_eval,
-            k=k,
-            batch=batch,
-            width=args.width,
-            on_result=keep("order3"),
-        )
-    if "linear" in args.suite:
-        run_suite(
-            "linear data",
-            chosen(contenders(with_oracle=False)),
-            cfg,
-            seeds,
-            budget,
-            n_eval,
-            linear=True,
-            k=k,
-            batch=batch,
-            width=args.width,
-            on_result=keep("linear"),
+            on_result=keep(suite),
         )
     print(
         f"\ntotal wall time {time.perf_counter() - start:.0f}s (threads {torch.get_num_threads()})"
