@@ -142,14 +142,22 @@ def make_trainer(
 
 
 def median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per call, calling the contenders round-robin."""
+    """Median seconds per call, calling the contenders round-robin.
+
+    Each round starts one place further along the list, so every contender
+    follows every other equally often: a call right after one that evicts the
+    caches (a large TopK step) runs slower, and a fixed order charged that to
+    whichever contender came next (at the small shape, 2-3 ms of a 17-20 ms step).
+    """
     for fn in fns.values():  # warm-up
         fn()
+    names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
@@ -212,6 +220,19 @@ def time_shape(
     if sparsify is not None:
         fns |= sparsify if not autocast else {"train/sparsify": sparsify["train/sparsify"]}
     return median_times(fns, repeats)
+
+
+def time_steps_alone(
+    shape: Shape, repeats: int, autocast: bool, contenders: tuple[str, ...]
+) -> dict[str, float]:
+    """Median training-step seconds of the PolySAE ``contenders`` round-robin among
+    themselves only: no TopK step, whose larger working set evicts the caches, runs
+    between them (as in a loop that trains one PolySAE)."""
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randn(shape.batch, shape.d_in, generator=gen)
+    polys = [c for c in contenders if c.startswith("poly") and not c.endswith("_auxk")]
+    trainers = {c: make_trainer(build(c, shape, True), shape, autocast) for c in polys}
+    return median_times({c: (lambda t=t: t.step(batch)) for c, t in trainers.items()}, repeats)
 
 
 def with_dead_latents(
@@ -388,6 +409,12 @@ def main(argv: list[str] | None = None) -> None:
         help=f"training-step contenders to time ({', '.join(REQUIRED)} always are)",
     )
     parser.add_argument(
+        "--steps-alone",
+        action="store_true",
+        help="also time the PolySAE training steps among themselves only (no TopK step "
+        "between them to evict the caches), with ratios to the first",
+    )
+    parser.add_argument(
         "--sweep-only",
         action="store_true",
         help="only the --widths/--ks sweeps (around the first of --shapes)",
@@ -406,6 +433,12 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_memory and not args.autocast:
             memory = {c: peak_memory_mb(c, shape) for c in ("topk", "poly")}
         report(shape, times, memory)
+        if args.steps_alone:
+            alone = time_steps_alone(shape, repeats, args.autocast, contenders)
+            first = next(iter(alone.values()))
+            print("training steps alone: " + ", ".join(
+                f"{c} {t:.4f} s ({t / first:.3f})" for c, t in alone.items()
+            ))  # fmt: skip
         if args.contended:
             with contention(args.contended):
                 busy = time_shape(shape, repeats, args.autocast, contenders)

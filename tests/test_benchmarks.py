@@ -199,3 +199,35 @@ def test_gpu_syncs_names_the_package_frames_innermost_first() -> None:
     assert gpu_syncs.where(stack) == (
         "sparse.py:155:transposed_product_DF <- sae_trainer.py:10:fit"
     )
+
+
+def test_median_times_rotates_the_order_so_each_contender_follows_each_other() -> None:
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = training_step.median_times(fns, repeats=6)
+    assert set(times) == {"a", "b", "c"}
+    timed = calls[3:]  # after one warm-up call each
+    follows = {(timed[i - 1], timed[i]) for i in range(1, len(timed))}
+    assert {("a", "b"), ("b", "a"), ("c", "a"), ("a", "c"), ("b", "c"), ("c", "b")} <= follows
+    assert sorted(timed) == sorted("abc" * 6)
+
+
+def test_steps_alone_times_only_the_polysae_training_steps(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stepped: list[str] = []
+    real_build = training_step.build
+
+    def build(contender: str, shape: Any, training: bool, autocast: bool = False) -> Any:
+        sae = real_build(contender, shape, training, autocast)
+        stepped.append(contender)
+        return sae
+
+    monkeypatch.setattr(training_step, "build", build)
+    times = training_step.time_steps_alone(
+        TINY, 2, False, ("topk", "poly", "poly_previous", "poly_auxk")
+    )
+    assert list(times) == ["poly", "poly_previous"] == stepped
+    training_step.main(["--quick", "--no-memory", "--contenders", "poly_previous", "--steps-alone"])
+    line = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("training steps"))
+    assert "poly " in line and "(1.000)" in line and "poly_previous" in line
