@@ -133,3 +133,22 @@ def test_width_sets_every_sae_but_the_oracle_and_refuses_an_oracle_of_another_wi
     report = bench.main(["--quick", "--suite", "linear", "--width", "96", "--contenders", "topk"])
     assert "width 96" in capsys.readouterr().out
     assert [r["name"] for r in report["linear"]] == ["topk"]
+
+
+def test_topk_rerun_is_topk_from_another_seed_on_the_same_data(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report = bench.main(
+        ["--quick", "--suite", "linear", "--contenders", "topk", "topk rerun", "--topk-rerun"]
+    )
+    assert "MSE topk rerun / topk at 80" in capsys.readouterr().out
+    by_name = {r["name"]: r for r in report["linear"]}
+    assert by_name["topk rerun"]["seed"] == by_name["topk"]["seed"] == 0  # paired as seed 0
+    assert by_name["topk rerun"]["mse"] != by_name["topk"]["mse"]
+    # the same as TopK trained with seed 1000 on seed 0's data
+    truth = build_in_class(bench.QUICK_CFG)
+    source = bench.DataSource(truth, linear=True)
+    eval_x = source.sample(512, truth.generator(999_999))
+    direct = bench.train(bench.Contender("topk", "topk"), source, 1000, 80, [20], eval_x, batch=64,
+                         k=bench.QUICK_CFG.k)  # fmt: skip
+    assert direct.mse == by_name["topk rerun"]["mse"]
