@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -313,15 +312,8 @@ def time_shape(
     if sparsify is not None:
         fns |= sparsify
 
-    timer = Timer(device)
-    for fn in fns.values():  # warm-up (kernel compilation, allocator)
-        fn()
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(timer(fn))
-    times = {name: statistics.median(values) for name, values in samples.items()}
+    # two warm-up calls each: kernel compilation, the allocator
+    times = training_step.median_times(fns, repeats, timer=Timer(device), warmup=2)
     if torch.device(device).type == "cuda":
         times |= peak_memory(shape, device, autocast)
     if profile:

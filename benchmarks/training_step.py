@@ -141,24 +141,36 @@ def make_trainer(
     return SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
 
 
-def median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per call, calling the contenders round-robin.
+def _wall_seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_times(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    timer: Callable[[Callable[[], Any]], float] | None = None,
+    warmup: int = 1,
+) -> dict[str, float]:
+    """Median seconds per call, calling the contenders round-robin (``timer(fn)``
+    times one call; default the wall clock; ``warmup`` untimed calls each first).
 
     Each round starts one place further along the list, so every contender
     follows every other equally often: a call right after one that evicts the
     caches (a large TopK step) runs slower, and a fixed order charged that to
     whichever contender came next (at the small shape, 2-3 ms of a 17-20 ms step).
     """
-    for fn in fns.values():  # warm-up
-        fn()
+    timer = timer or _wall_seconds
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            fns[name]()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(timer(fns[name]))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
