@@ -15,6 +15,7 @@ from polysae_lens.stiefel import (
     interaction_rank,
     turn_along_gauge,
     turn_along_gauge_,
+    turn_and_retract_,
 )
 
 D_IN, D_SAE, RANKS, K = 10, 30, (8, 3, 2), 3
@@ -156,6 +157,8 @@ def test_gauge_gradient_rows_are_those_of_the_full_skew_part(rank: int) -> None:
     got = gauge_gradient(U, dU, C1, dC1, rank)
     assert got.shape == (rank, 8)
     torch.testing.assert_close(got, full[:rank], atol=1e-12, rtol=0)
+    lead = got[:, :rank]
+    assert torch.equal(lead, -lead.T)  # exactly skew: a zero diagonal, not rounding
 
 
 @pytest.mark.parametrize(("order", "expected"), [(2, RANKS[1]), (3, max(RANKS[1:]))])
@@ -187,6 +190,59 @@ def test_one_gauge_step_is_an_adam_step_along_the_full_orbit() -> None:
     opt_ref.step()  # the same optimizer step without the turn
     # the turn acts on the post-step U and C1 of the reference
     torch.testing.assert_close(sae.U.double(), ref.U.double() @ Q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sae.C1.double(), Q.T @ ref.C1.double(), atol=1e-5, rtol=0)
+
+
+def signed_q(A: torch.Tensor) -> torch.Tensor:
+    """A's Q factor with diag(R) > 0, by Householder QR in float64."""
+    Q, R = torch.linalg.qr(A.double())
+    return Q * torch.sign(torch.diagonal(R))
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+# (1, 8) turns by the low-rank update; (3, 8) and (8, 8) fuse the dense turn into
+# the retraction; "far" U need a second CholeskyQR pass
+@pytest.mark.parametrize(("rows", "rank"), [(1, 8), (3, 8), (8, 8)])
+@pytest.mark.parametrize("far", [False, True])
+def test_turn_and_retract_is_the_q_factor_of_the_turned_u(
+    scale: float, rows: int, rank: int, far: bool
+) -> None:
+    gen = torch.Generator().manual_seed(rows + rank)
+    U = torch.linalg.qr(torch.randn(40, rank, generator=gen, dtype=torch.float64))[0]
+    # one optimizer step off the manifold, or (far) well off it
+    U = U + (0.2 if far else 0.01) * torch.randn(40, rank, generator=gen, dtype=torch.float64)
+    C1 = torch.randn(rank, 7, generator=gen, dtype=torch.float64)
+    A = torch.randn(rank, rank, generator=gen, dtype=torch.float64)
+    S = scale * 0.5 * (A - A.T)
+    S[rows:, rows:] = 0
+    Q = dense_cayley(S)
+    U_got, C1_got = U.float().contiguous(), C1.float()  # (qr returns column-major)
+    storage = U_got.data_ptr()
+    turn_and_retract_(U_got, C1_got, S[:rows].float())
+    assert U_got.data_ptr() == storage
+    torch.testing.assert_close(U_got.double(), signed_q(U @ Q), atol=2e-5, rtol=0)
+    torch.testing.assert_close(C1_got.double(), Q.T @ C1, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["cholesky_qr", "qr"])
+def test_the_hooks_turn_then_retract(method: str) -> None:
+    """After one optimizer step U is the Q factor of the stepped U turned by the
+    gauge step (RANKS turn densely: the CholeskyQR path fuses the two)."""
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(5))
+    sae = make(gauge_lr_scale=1.0, stiefel_method=method)
+    ref = make(gauge_lr_scale=0.0, stiefel_every_n_steps=0)
+    ref.load_state_dict(sae.state_dict())
+    for model in (sae, ref):
+        (model(x) - x).pow(2).sum(-1).mean().backward()
+    opt, opt_ref = (torch.optim.Adam(m.parameters(), lr=1e-2) for m in (sae, ref))
+    M = sae.U.detach().double().T @ sae.U.grad.double()
+    M = M + sae.C1.detach().double() @ sae.C1.grad.double().T
+    G = (M - M.T) / 2
+    G[RANKS[1] :, RANKS[1] :] = 0
+    Q = dense_cayley(1e-2 * G / (G.abs() + 1e-8))
+    opt.step()
+    opt_ref.step()
+    torch.testing.assert_close(sae.U.double(), signed_q(ref.U.double() @ Q), atol=1e-5, rtol=0)
     torch.testing.assert_close(sae.C1.double(), Q.T @ ref.C1.double(), atol=1e-5, rtol=0)
 
 

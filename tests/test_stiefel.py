@@ -99,6 +99,9 @@ def test_explicit_attach_for_custom_loops_and_no_double_retraction(
         monkeypatch.setitem(
             stiefel.RETRACTIONS, name, lambda U, real=real: calls.append(1) or real(U)
         )
+    # (the training SAE's gauge turn fuses into its retraction)
+    fused = stiefel.turn_and_retract_
+    monkeypatch.setattr(stiefel, "turn_and_retract_", lambda *args: calls.append(1) or fused(*args))
     x = torch.randn(32, D_IN)
     for _ in range(4):
         ((inference(x) - x) ** 2 + (training(x) - x) ** 2).sum().backward()

@@ -195,18 +195,38 @@ def times_upper_triangular_(
     spares a fresh [d_sae, R] result: the first touch of its pages cost more
     than the zero blocks save.
     """
+    n_cols = Q_FR.shape[1]
+
+    def product(rows_QR: Tensor, out_CR: Tensor) -> None:
+        if n_cols <= block:
+            torch.mm(rows_QR, T_RR, out=out_CR)
+            return
+        for start in range(0, n_cols, block):
+            stop = min(start + block, n_cols)
+            torch.mm(rows_QR[:, :stop], T_RR[:stop, start:stop], out=out_CR[:, start:stop])
+
+    return _by_row_chunks_(Q_FR, product, row_chunk)
+
+
+def times_(Q_FR: Tensor, M_RR: Tensor, row_chunk: int | None = None) -> Tensor:
+    """``Q <- Q @ M`` in place for any square ``M``, by row chunks like
+    :func:`times_upper_triangular_`."""
+    return _by_row_chunks_(
+        Q_FR, lambda rows_QR, out_CR: torch.mm(rows_QR, M_RR, out=out_CR), row_chunk
+    )
+
+
+def _by_row_chunks_(
+    Q_FR: Tensor, product: Callable[[Tensor, Tensor], object], row_chunk: int | None
+) -> Tensor:
+    """Replace each chunk of rows of Q by ``product(rows, out)``'s ``out``."""
     n_rows, n_cols = Q_FR.shape
     row_chunk = ROW_CHUNK if row_chunk is None else row_chunk
     chunk_CR = Q_FR.new_empty(min(row_chunk, n_rows), n_cols)
     for row in range(0, n_rows, row_chunk):
         rows_QR = Q_FR[row : row + row_chunk]
         out_CR = chunk_CR[: rows_QR.shape[0]]
-        if n_cols <= block:
-            torch.mm(rows_QR, T_RR, out=out_CR)
-        else:
-            for start in range(0, n_cols, block):
-                stop = min(start + block, n_cols)
-                torch.mm(rows_QR[:, :stop], T_RR[:stop, start:stop], out=out_CR[:, start:stop])
+        product(rows_QR, out_CR)
         rows_QR.copy_(out_CR)
     return Q_FR
 
@@ -393,13 +413,14 @@ def gauge_gradient(
     r = U_FR.shape[1] if rank is None else rank
     dtype = _at_least_float32(U_FR.dtype)
     U, dU, C1, dC1 = (t.to(dtype) for t in (U_FR, dU_FR, C1_RD, dC1_RD))
-    top_rR = U[:, :r].T @ dU + C1[:r] @ dC1.T  # rows :r of U^T dU + C1 dC1^T
-    left_Rr = U.T @ dU[:, :r] + C1 @ dC1[:r].T  # its columns :r
-    gamma_rR = (top_rR - left_Rr.T) / 2
-    # the two products round differently: make the leading block exactly skew
-    # (a rounding-sized diagonal would become a full-sized Adam step)
-    lead_rr = gamma_rR[:, :r]
+    top_rR = U[:, :r].T @ dU + C1[:r] @ dC1.T  # rows :r of M = U^T dU + C1 dC1^T
+    rest_Qr = U[:, r:].T @ dU[:, :r] + C1[r:] @ dC1[:r].T  # M[r:, :r]
+    gamma_rR = torch.empty_like(top_rR)
+    # the leading block from one product, so exactly skew (a rounding-sized
+    # diagonal would become a full-sized Adam step)
+    lead_rr = top_rR[:, :r]
     gamma_rR[:, :r] = (lead_rr - lead_rr.T) / 2
+    gamma_rR[:, r:] = (top_rR[:, r:] - rest_Qr.T) / 2
     return gamma_rR
 
 
@@ -431,12 +452,18 @@ def _cayley_factors(C1_RD: Tensor, step_rR: Tensor, dtype: torch.dtype) -> _Cayl
     step_rR = step_rR.to(dtype)
     A_rr, B_rQ = step_rR[:, :r], step_rR[:, r:]
     eye_rr = torch.eye(r, dtype=step_rR.dtype, device=step_rR.device)
-    YtX = torch.cat(
-        [torch.cat([A_rr, -B_rQ @ B_rQ.T], 1), torch.cat([eye_rr, torch.zeros_like(eye_rr)], 1)]
+    # K = (I + Y^T X / 2)^-1 with Y^T X = [[A, -B B^T], [I, 0]], by blocks: only
+    # the Schur complement I + A/2 + B B^T / 4 (r x r) is inverted. (Small LAPACK
+    # inverses are slow on the CPU: 0.65 ms at 2r = 128, a third of the gauge
+    # step's cost at the small benchmark shape.) It is invertible: its symmetric
+    # part I + B B^T / 4 is positive definite. inv_ex skips inv's error check, a
+    # device-to-host sync on a GPU.
+    half_BBt_rr = B_rQ @ B_rQ.T / 2
+    inv_rr = torch.linalg.inv_ex(eye_rr + A_rr / 2 + half_BBt_rr / 2)[0]
+    inv_BBt_rr = inv_rr @ half_BBt_rr
+    K = torch.cat(
+        [torch.cat([inv_rr, inv_BBt_rr], 1), torch.cat([-inv_rr / 2, eye_rr - inv_BBt_rr / 2], 1)]
     )
-    # I + S/2 is invertible for skew S, so is this; inv_ex skips inv's error check,
-    # a device-to-host sync on a GPU
-    K = torch.linalg.inv_ex(torch.eye(2 * r, dtype=YtX.dtype, device=YtX.device) + YtX / 2)[0]
     C1 = C1_RD.to(dtype)
     XtC1 = torch.cat([C1[:r], -(B_rQ @ C1[r:])])
     T_2rD = K.T @ XtC1  # Q^T C1 = C1 - Y K^T X^T C1
@@ -519,29 +546,45 @@ def turn_along_gauge_(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> None:
 
 
 @torch.no_grad()
-def gauge_step_(sae: nn.Module, optimizer: Optimizer, gamma_rR: Tensor, scale: float) -> None:
-    """Turn U and C1 along the gauge orbit by an Adam step on ``gamma_rR``
-    (the first rows of :func:`gauge_gradient`, taken before the optimizer's step).
+def turn_and_retract_(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> None:
+    """:func:`turn_along_gauge_` then :func:`cholesky_qr_retract_`, in place.
 
-    U's own Adam step does this only slowly: U's second moments are set mostly
-    by the linear term's gradient, which is much larger than the interaction
-    terms' and has no component along the orbit, so the orbit component of U's
-    step is scaled down accordingly (measured in ``docs/inclass-plateau.md``:
-    the first R2 columns of U find the planted quadratic subspace several times
-    faster with this step). Here the orbit gradient gets moments of its own,
-    kept in the optimizer's state for U (``gauge_exp_avg``, ``gauge_exp_avg_sq``,
-    ``gauge_step``, so they are checkpointed with it), with the betas, eps and
-    learning rate of U's parameter group times ``scale``. The rotation
-    (:func:`turn_along_gauge` of ``lr * scale * m_hat / (sqrt(v_hat) + eps)``) is orthogonal, so
-    U stays on the manifold and U @ C1 is unchanged. Only the rows of the orbit
-    that the interaction terms see move (:func:`interaction_rank`); the rest of
-    the orbit only turns the linear term's basis, whose gradient is zero but for
-    rounding, which Adam's normalisation would blow up into turns of their own.
+    Where the turn is the dense ``U @ Q`` (:func:`_dense_turn_is_cheaper`) and
+    U is float32, the two take one product over U instead of three: the Gram
+    matrix of ``U Q`` is ``Q^T (U^T U) Q``, so with ``L L^T`` its Cholesky
+    factorisation the retracted ``U Q L^-T`` is U times the small matrix
+    ``Q L^-T``. It is the same Q factor up to rounding. When one CholeskyQR
+    pass would not do (U far from orthonormal: a second pass, or the
+    Householder fallback), U is turned first and retracted as usual.
     """
+    r, rank = step_rR.shape
+    if (
+        U_FR.dtype != torch.float32
+        or not U_FR.is_contiguous()
+        or not _dense_turn_is_cheaper(rank, r)
+    ):
+        turn_along_gauge_(U_FR, C1_RD, step_rR)
+        cholesky_qr_retract_(U_FR)
+        return
+    f = _cayley_factors(C1_RD, step_rR, torch.float32)
+    Q_RR = _rotation(f, rank)
+    gram_RR = Q_RR.T @ symmetric_gram(U_FR) @ Q_RR
+    gram_RR = (gram_RR + gram_RR.T) / 2  # exactly symmetric, as a Gram matrix is
+    eye_RR = torch.eye(rank, device=U_FR.device)
+    L_RR, info = torch.linalg.cholesky_ex(gram_RR)
+    if int(info) != 0 or _needs_second_pass(gram_RR - eye_RR):
+        turn_along_gauge_(U_FR, C1_RD, step_rR)
+        cholesky_qr_retract_(U_FR)
+        return
+    L_inv_RR = torch.linalg.solve_triangular(L_RR, eye_RR, upper=False)
+    times_(U_FR, Q_RR @ L_inv_RR.T)
+    C1_RD.copy_(f.C1_RD)
+
+
+def gauge_adam_step(sae: nn.Module, optimizer: Optimizer, gamma_rR: Tensor, scale: float) -> Tensor:
+    """The skew step ``lr * scale * m_hat / (sqrt(v_hat) + eps)`` [r, R1] of
+    :func:`gauge_step_`, updating the moments it keeps in the optimizer's state."""
     U = _projection(sae)
-    C1 = getattr(sae, "C1", None)
-    if not isinstance(C1, Tensor):
-        raise ValueError(f"{type(sae).__name__} has no C1 parameter to turn with U.")
     group = next(g for g in optimizer.param_groups if any(p is U for p in g["params"]))
     beta1, beta2 = group.get("betas", (0.9, 0.999))
     eps = float(group.get("eps", 1e-8))
@@ -562,12 +605,39 @@ def gauge_step_(sae: nn.Module, optimizer: Optimizer, gamma_rR: Tensor, scale: f
     exp_avg_sq.mul_(beta2).addcmul_(gamma_rR, gamma_rR, value=1 - beta2)
     # m and v have a skew and a symmetric leading block, so the step is skew there
     step_rR = (exp_avg / (1 - beta1**step)) / ((exp_avg_sq / (1 - beta2**step)).sqrt() + eps)
-    turn_along_gauge_(U, C1, float(group["lr"]) * scale * step_rR)
+    return float(group["lr"]) * scale * step_rR
 
 
 @torch.no_grad()
-def retract_(sae: nn.Module, optimizer: Optimizer | None = None) -> None:
-    """Retract ``sae.U`` in place, following the SAE's Stiefel settings.
+def gauge_step_(sae: nn.Module, optimizer: Optimizer, gamma_rR: Tensor, scale: float) -> None:
+    """Turn U and C1 along the gauge orbit by an Adam step on ``gamma_rR``
+    (the first rows of :func:`gauge_gradient`, taken before the optimizer's step).
+
+    U's own Adam step does this only slowly: U's second moments are set mostly
+    by the linear term's gradient, which is much larger than the interaction
+    terms' and has no component along the orbit, so the orbit component of U's
+    step is scaled down accordingly (measured in ``docs/inclass-plateau.md``:
+    the first R2 columns of U find the planted quadratic subspace several times
+    faster with this step). Here the orbit gradient gets moments of its own,
+    kept in the optimizer's state for U (``gauge_exp_avg``, ``gauge_exp_avg_sq``,
+    ``gauge_step``, so they are checkpointed with it), with the betas, eps and
+    learning rate of U's parameter group times ``scale``. The rotation
+    (:func:`turn_along_gauge` of ``lr * scale * m_hat / (sqrt(v_hat) + eps)``) is orthogonal, so
+    U stays on the manifold and U @ C1 is unchanged. Only the rows of the orbit
+    that the interaction terms see move (:func:`interaction_rank`); the rest of
+    the orbit only turns the linear term's basis, whose gradient is zero but for
+    rounding, which Adam's normalisation would blow up into turns of their own.
+    """
+    turn_along_gauge_(_projection(sae), _c1(sae), gauge_adam_step(sae, optimizer, gamma_rR, scale))
+
+
+@torch.no_grad()
+def retract_(
+    sae: nn.Module, optimizer: Optimizer | None = None, turn_rR: Tensor | None = None
+) -> None:
+    """Retract ``sae.U`` in place, following the SAE's Stiefel settings; with
+    ``turn_rR`` (a step of :func:`gauge_adam_step`), turn U and C1 along the
+    gauge first (:func:`turn_and_retract_` where the retraction is CholeskyQR).
 
     ``stiefel_every_n_steps`` (default 1) is counted with the optimizer's step
     count for U (Adam's ``state["step"]``); with no such count every call
@@ -576,16 +646,21 @@ def retract_(sae: nn.Module, optimizer: Optimizer | None = None) -> None:
     ``stiefel_project_moments`` also projects Adam's first moment of U onto the
     tangent space at the retracted point.
     """
-    every_n = getattr(sae.cfg, "stiefel_every_n_steps", 1)
-    if every_n == 0:
-        return
     U = _projection(sae)
+    every_n = getattr(sae.cfg, "stiefel_every_n_steps", 1)
     state = optimizer.state.get(U, {}) if optimizer is not None else {}
     step = state.get("step")
     # (every_n 1 never reads the count: fused Adam keeps it on the GPU, a sync)
-    if every_n != 1 and step is not None and int(step) % every_n != 0:
-        return
-    RETRACTIONS[getattr(sae.cfg, "stiefel_method", "qr")](U)
+    due = every_n == 1 or (every_n != 0 and (step is None or int(step) % every_n == 0))
+    method = getattr(sae.cfg, "stiefel_method", "qr")
+    if turn_rR is not None and due and method == "cholesky_qr":
+        turn_and_retract_(U, _c1(sae), turn_rR)
+    else:
+        if turn_rR is not None:
+            turn_along_gauge_(U, _c1(sae), turn_rR)
+        if not due:
+            return
+        RETRACTIONS[method](U)
     exp_avg = state.get("exp_avg")
     if getattr(sae.cfg, "stiefel_project_moments", False) and exp_avg is not None:
         exp_avg.copy_(project_to_tangent(U.float(), exp_avg.float()).to(exp_avg.dtype))
@@ -708,12 +783,14 @@ def _finish_step(optimizer: Optimizer, targets: list[weakref.ref[nn.Module]]) ->
     for param, before, scale in _SNAPSHOTS.pop(optimizer, []):
         # before + scale * (param - before), in place: no [d_sae, R1] temporaries
         param.lerp_(before, 1.0 - scale)
-    for turned, gamma_rR, scale in _GAUGE_GRADIENTS.pop(optimizer, []):
-        gauge_step_(turned, optimizer, gamma_rR, scale)
+    turns = {
+        id(turned): gauge_adam_step(turned, optimizer, gamma_rR, scale)
+        for turned, gamma_rR, scale in _GAUGE_GRADIENTS.pop(optimizer, [])
+    }
     for ref in targets:
         sae = ref()
         if sae is not None:
-            retract_(sae, optimizer)
+            retract_(sae, optimizer, turns.get(id(sae)))
 
 
 def _find_targets(optimizer: Optimizer) -> list[weakref.ref[nn.Module]]:
@@ -725,6 +802,13 @@ def _projection(sae: nn.Module | None) -> Tensor:
     if not isinstance(U, Tensor):
         raise ValueError(f"{type(sae).__name__} has no U parameter to retract.")
     return U
+
+
+def _c1(sae: nn.Module) -> Tensor:
+    C1 = getattr(sae, "C1", None)
+    if not isinstance(C1, Tensor):
+        raise ValueError(f"{type(sae).__name__} has no C1 parameter to turn with U.")
+    return C1
 
 
 def _optimizes(optimizer: Optimizer, param: Tensor) -> bool:
