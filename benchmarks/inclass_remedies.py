@@ -10,7 +10,9 @@ quadratic subspace after step T), ``+norefit`` (without refitting C2), ``+l2=V``
 ``+lr=NAME:M,...`` (parameter NAME's optimizer step times M, e.g. ``+lr=C2:3,lambda2:3``),
 ``+dfw=N`` (the trainer's ``dead_feature_window``, SAELens's default 1000),
 ``+cfg=FIELD:VALUE`` (any PolySAE config field, a number), ``+c2norm`` (C2's Frobenius
-norm held at its initial value after every step: lambda2 carries the term's scale).
+norm held at its initial value after every step: lambda2 carries the term's scale),
+``+compret`` (U retracted with C1 compensated, ``U = Q R -> Q, C1 -> R C1``, so the
+retraction leaves ``U @ C1`` unchanged).
 
 Run from the repository root (one thread, ~1 min per 6000-step run)::
 
@@ -147,6 +149,24 @@ def hold_c2_norm(trainer: Any, sae: Any) -> None:
     register_optimizer_step_post_hook(post)
 
 
+def compensated_retraction(trainer: Any, sae: Any) -> None:
+    """Retract U after every step with C1 compensated (``U = Q R -> U <- Q, C1 <- R C1``),
+    so the linear term ``U @ C1`` is unchanged by the retraction; run with the package's
+    own retraction off (``stiefel_every_n_steps=0``)."""
+    opt = trainer.optimizer
+    object.__setattr__(sae.cfg, "stiefel_every_n_steps", 0)
+
+    @torch.no_grad()
+    def post(o: Any, args: Any, kwargs: Any) -> None:
+        if o is not opt:
+            return
+        L = torch.linalg.cholesky(sae.U.T @ sae.U)
+        sae.U.copy_(torch.linalg.solve_triangular(L, sae.U.T, upper=False).T)
+        sae.C1.copy_(L.T @ sae.C1)
+
+    register_optimizer_step_post_hook(post)
+
+
 def make_dead_window(window: int) -> Setup:
     """The trainer's ``dead_feature_window`` (steps without firing before AuxK
     treats a latent as dead)."""
@@ -222,6 +242,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 if k_ == "cfg":
                     field, _, number = val.partition(":")
                     kw[field] = int(number) if number.lstrip("-").isdigit() else float(number)
+                if k_ == "compret":
+                    setups.append(compensated_retraction)
                 if k_ == "c2norm":
                     setups.append(hold_c2_norm)
                 if k_ == "dfw":
