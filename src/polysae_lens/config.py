@@ -245,7 +245,7 @@ class _PolyTrainingDefaults:
     """Learning rate, relative to the optimizer's, of the gauge step: after each
     optimizer step, U and C1 turn along ``U -> U Q, C1 -> Q^T C1`` (which leaves
     U @ C1 unchanged) by an Adam step of their own on the loss's gradient along
-    that orbit (:func:`polysae_lens.stiefel.gauge_step_`). It lets the
+    that orbit (:func:`polysae_lens.stiefel.gauge_adam_step`). It lets the
     interaction terms choose which directions of U they square, which U's own
     Adam step does only very slowly (``docs/inclass-plateau.md``). Only at
     order >= 2. 1 (default) is U's learning rate; 0 turns it off (the paper's

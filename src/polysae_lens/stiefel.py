@@ -582,8 +582,26 @@ def turn_and_retract_(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> None:
 
 
 def gauge_adam_step(sae: nn.Module, optimizer: Optimizer, gamma_rR: Tensor, scale: float) -> Tensor:
-    """The skew step ``lr * scale * m_hat / (sqrt(v_hat) + eps)`` [r, R1] of
-    :func:`gauge_step_`, updating the moments it keeps in the optimizer's state."""
+    """The gauge step: an Adam step ``lr * scale * m_hat / (sqrt(v_hat) + eps)``
+    [r, R1] on ``gamma_rR`` (the first rows of :func:`gauge_gradient`, taken
+    before the optimizer's step), by which U and C1 then turn along the gauge
+    orbit (:func:`retract_` with ``turn_rR``).
+
+    U's own Adam step does this only slowly: U's second moments are set mostly
+    by the linear term's gradient, which is much larger than the interaction
+    terms' and has no component along the orbit, so the orbit component of U's
+    step is scaled down accordingly (measured in ``docs/inclass-plateau.md``:
+    the first R2 columns of U find the planted quadratic subspace several times
+    faster with this step). Here the orbit gradient gets moments of its own,
+    kept in the optimizer's state for U (``gauge_exp_avg``, ``gauge_exp_avg_sq``,
+    ``gauge_step``, so they are checkpointed with it), with the betas, eps and
+    learning rate of U's parameter group times ``scale``. The rotation
+    (:func:`turn_along_gauge` of the returned step) is orthogonal, so
+    U stays on the manifold and U @ C1 is unchanged. Only the rows of the orbit
+    that the interaction terms see move (:func:`interaction_rank`); the rest of
+    the orbit only turns the linear term's basis, whose gradient is zero but for
+    rounding, which Adam's normalisation would blow up into turns of their own.
+    """
     U = _projection(sae)
     group = next(g for g in optimizer.param_groups if any(p is U for p in g["params"]))
     beta1, beta2 = group.get("betas", (0.9, 0.999))
@@ -606,29 +624,6 @@ def gauge_adam_step(sae: nn.Module, optimizer: Optimizer, gamma_rR: Tensor, scal
     # m and v have a skew and a symmetric leading block, so the step is skew there
     step_rR = (exp_avg / (1 - beta1**step)) / ((exp_avg_sq / (1 - beta2**step)).sqrt() + eps)
     return float(group["lr"]) * scale * step_rR
-
-
-@torch.no_grad()
-def gauge_step_(sae: nn.Module, optimizer: Optimizer, gamma_rR: Tensor, scale: float) -> None:
-    """Turn U and C1 along the gauge orbit by an Adam step on ``gamma_rR``
-    (the first rows of :func:`gauge_gradient`, taken before the optimizer's step).
-
-    U's own Adam step does this only slowly: U's second moments are set mostly
-    by the linear term's gradient, which is much larger than the interaction
-    terms' and has no component along the orbit, so the orbit component of U's
-    step is scaled down accordingly (measured in ``docs/inclass-plateau.md``:
-    the first R2 columns of U find the planted quadratic subspace several times
-    faster with this step). Here the orbit gradient gets moments of its own,
-    kept in the optimizer's state for U (``gauge_exp_avg``, ``gauge_exp_avg_sq``,
-    ``gauge_step``, so they are checkpointed with it), with the betas, eps and
-    learning rate of U's parameter group times ``scale``. The rotation
-    (:func:`turn_along_gauge` of ``lr * scale * m_hat / (sqrt(v_hat) + eps)``) is orthogonal, so
-    U stays on the manifold and U @ C1 is unchanged. Only the rows of the orbit
-    that the interaction terms see move (:func:`interaction_rank`); the rest of
-    the orbit only turns the linear term's basis, whose gradient is zero but for
-    rounding, which Adam's normalisation would blow up into turns of their own.
-    """
-    turn_along_gauge_(_projection(sae), _c1(sae), gauge_adam_step(sae, optimizer, gamma_rR, scale))
 
 
 @torch.no_grad()
