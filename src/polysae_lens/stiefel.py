@@ -109,17 +109,28 @@ def cholesky_qr_pass_(
     block = GRAM_BLOCK if block is None else block
     if gram_RR is None:
         gram_RR = symmetric_gram(Q_FR, block=block)
-    L_RR, info = torch.linalg.cholesky_ex(gram_RR)
-    if int(info) != 0:
+    L_inv_RR = _inverse_cholesky_factor(gram_RR)
+    if L_inv_RR is None:
         return False
-    # Q L^-T as a product with the small inverse: a triangular solve against the
-    # tall Q (trsm) is up to 2x slower than a matmul on CPU. L is well
-    # conditioned whenever the Cholesky succeeds on a near-orthonormal U, and a
-    # second pass absorbs the first pass's rounding either way.
-    eye_RR = torch.eye(L_RR.shape[0], device=L_RR.device)
-    L_inv_RR = torch.linalg.solve_triangular(L_RR, eye_RR, upper=False)
     times_upper_triangular_(Q_FR, L_inv_RR.T, block=block, row_chunk=row_chunk)
     return True
+
+
+def _inverse_cholesky_factor(gram_RR: Tensor) -> Tensor | None:
+    """``L^-1`` for ``L L^T = gram``, or None where the Cholesky fails (not
+    numerically positive definite).
+
+    Retractions multiply U by ``L^-T`` rather than solving against it: a
+    triangular solve against the tall U (trsm) is up to 2x slower than a matmul
+    on CPU. L is well conditioned whenever the Cholesky succeeds on a
+    near-orthonormal U, and a second pass absorbs the first pass's rounding
+    either way.
+    """
+    L_RR, info = torch.linalg.cholesky_ex(gram_RR)
+    if int(info) != 0:
+        return None
+    eye_RR = torch.eye(L_RR.shape[0], dtype=L_RR.dtype, device=L_RR.device)
+    return torch.linalg.solve_triangular(L_RR, eye_RR, upper=False)
 
 
 ONE_PASS_MAX_DEVIATION = 0.5
@@ -558,27 +569,27 @@ def turn_and_retract_(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> None:
     Householder fallback), U is turned first and retracted as usual.
     """
     r, rank = step_rR.shape
-    if (
-        U_FR.dtype != torch.float32
-        or not U_FR.is_contiguous()
-        or not _dense_turn_is_cheaper(rank, r)
-    ):
-        turn_along_gauge_(U_FR, C1_RD, step_rR)
-        cholesky_qr_retract_(U_FR)
-        return
-    f = _cayley_factors(C1_RD, step_rR, torch.float32)
-    Q_RR = _rotation(f, rank)
+    if U_FR.dtype == torch.float32 and U_FR.is_contiguous() and _dense_turn_is_cheaper(rank, r):
+        f = _cayley_factors(C1_RD, step_rR, torch.float32)
+        M_RR = _turned_retraction_factor(U_FR, _rotation(f, rank))
+        if M_RR is not None:
+            times_(U_FR, M_RR)
+            C1_RD.copy_(f.C1_RD)
+            return
+    turn_along_gauge_(U_FR, C1_RD, step_rR)
+    cholesky_qr_retract_(U_FR)
+
+
+def _turned_retraction_factor(U_FR: Tensor, Q_RR: Tensor) -> Tensor | None:
+    """``Q L^-T`` with ``L L^T = Q^T (U^T U) Q``, so that ``U Q L^-T`` is the Q
+    factor of ``U Q``; None where one CholeskyQR pass would not do."""
     gram_RR = Q_RR.T @ symmetric_gram(U_FR) @ Q_RR
     gram_RR = (gram_RR + gram_RR.T) / 2  # exactly symmetric, as a Gram matrix is
-    eye_RR = torch.eye(rank, device=U_FR.device)
-    L_RR, info = torch.linalg.cholesky_ex(gram_RR)
-    if int(info) != 0 or _needs_second_pass(gram_RR - eye_RR):
-        turn_along_gauge_(U_FR, C1_RD, step_rR)
-        cholesky_qr_retract_(U_FR)
-        return
-    L_inv_RR = torch.linalg.solve_triangular(L_RR, eye_RR, upper=False)
-    times_(U_FR, Q_RR @ L_inv_RR.T)
-    C1_RD.copy_(f.C1_RD)
+    eye_RR = torch.eye(gram_RR.shape[0], dtype=gram_RR.dtype, device=gram_RR.device)
+    if _needs_second_pass(gram_RR - eye_RR):
+        return None
+    L_inv_RR = _inverse_cholesky_factor(gram_RR)
+    return None if L_inv_RR is None else Q_RR @ L_inv_RR.T
 
 
 def gauge_adam_step(sae: nn.Module, optimizer: Optimizer, gamma_rR: Tensor, scale: float) -> Tensor:
