@@ -282,10 +282,7 @@ def runner_cfg(out: Path, **overrides: Any) -> Any:
     from .lm_fixtures import HOOK
 
     fields: dict[str, Any] = {
-        # the gauge step (on by default) is not implemented sharded
-        "sae": PolyTopKTrainingSAEConfig(
-            d_in=16, d_sae=D_SAE, k=K, poly_ranks=(6, 4, 2), gauge_lr_scale=0.0
-        ),
+        "sae": PolyTopKTrainingSAEConfig(d_in=16, d_sae=D_SAE, k=K, poly_ranks=(6, 4, 2)),
         "model_name": "tiny-offline",
         "hook_name": HOOK,
         "dataset_path": "in-memory",

@@ -26,7 +26,11 @@ TRAIN_STEPS = 20
 LR = 1e-2
 
 
-def make_sae(dtype: str, d_in: int = D_IN) -> Any:
+GAUGE_SCALES = (1.0, 0.0)
+"""The training run's ``gauge_lr_scale``s: the default gauge step, and off."""
+
+
+def make_sae(dtype: str, d_in: int = D_IN, gauge_lr_scale: float = 1.0) -> Any:
     """A TopK PolySAE of order 3 with every parameter away from its init
     (non-zero biases and lambdas, so every gradient path matters)."""
     torch.manual_seed(0)
@@ -39,7 +43,7 @@ def make_sae(dtype: str, d_in: int = D_IN) -> Any:
             "poly_ranks": RANKS,
             "apply_b_dec_to_input": True,
             "dtype": dtype,
-            "gauge_lr_scale": 0.0,  # the gauge step is not implemented sharded
+            "gauge_lr_scale": gauge_lr_scale,
         }
     )
     gen = torch.Generator().manual_seed(1)
@@ -97,16 +101,28 @@ def rank_main(rank: int, out_dir: str) -> None:
                 "grads": {n: p.grad.clone() for n, p in shard.named_parameters()},  # type: ignore[union-attr]
                 "x_grad": x.grad.clone() if x_grad else None,  # type: ignore[union-attr]
             }
-        # a short training run, float32, with the sharded retraction
-        shard = shard_poly_sae(make_sae("float32"), rank, WORLD_SIZE)
-        optimizer = sharded_adam(shard, LR)
-        steps = [sharded_train_step(shard, optimizer, batch(s, torch.float32)) for s in range(20)]
-        results["train"] = {
-            "losses": [s.loss for s in steps],
-            "passes": [s.retraction_passes for s in steps],
-            "replicated": {n: getattr(shard, n).detach().clone() for n in ("b_dec", "C1", "C2")},
-            "state": gather_poly_sae(shard),
-        }
+        # a short training run, float32, with the sharded retraction, with
+        # and without the gauge step
+        for gauge in GAUGE_SCALES:
+            shard = shard_poly_sae(make_sae("float32", gauge_lr_scale=gauge), rank, WORLD_SIZE)
+            optimizer = sharded_adam(shard, LR)
+            steps = [
+                sharded_train_step(shard, optimizer, batch(s, torch.float32))
+                for s in range(TRAIN_STEPS)
+            ]
+            results[f"train_{gauge}"] = {
+                "losses": [s.loss for s in steps],
+                "passes": [s.retraction_passes for s in steps],
+                "replicated": {
+                    n: getattr(shard, n).detach().clone() for n in ("b_dec", "C1", "C2")
+                },
+                "gauge_moments": {
+                    key: value.clone() if isinstance(value, torch.Tensor) else value
+                    for key, value in optimizer.state[shard.U].items()
+                    if key.startswith("gauge_")
+                },
+                "state": gather_poly_sae(shard),
+            }
         # the retraction alone, far from the manifold (two passes)
         bounds = shard_bounds(D_SAE, WORLD_SIZE, rank)
         U_rows = far_from_orthonormal()[bounds.start : bounds.stop].clone()

@@ -159,6 +159,14 @@ def test_gauge_gradient_rows_are_those_of_the_full_skew_part(rank: int) -> None:
     torch.testing.assert_close(got, full[:rank], atol=1e-12, rtol=0)
     lead = got[:, :rank]
     assert torch.equal(lead, -lead.T)  # exactly skew: a zero diagonal, not rounding
+    # U split by rows (latent sharding): each holder's share of U^T dU summed
+    # through ``sum_over_latents`` gives the whole gradient
+    shares: list[torch.Tensor] = []
+    gauge_gradient(U[10:], dU[10:], C1, dC1, rank, lambda share: shares.append(share) or share)
+    split = gauge_gradient(U[:10], dU[:10], C1, dC1, rank, lambda share: share + shares[0])
+    torch.testing.assert_close(split, full[:rank], atol=1e-12, rtol=0)
+    alone = gauge_gradient(U[:10], dU[:10], C1, dC1, rank)
+    assert (alone - full[:rank]).abs().max() > 1e-2  # the other rows' share mattered
 
 
 @pytest.mark.parametrize(("order", "expected"), [(2, RANKS[1]), (3, max(RANKS[1:]))])

@@ -73,10 +73,11 @@ def test_outputs_selection_and_gradients_equal_unsharded(
         assert torch.equal(grads[0], grads[1]), name
 
 
-def test_training_run_equals_unsharded(runs: list[dict[str, Any]]) -> None:
-    sae = workers.make_sae("float32")
-    initial = {n: p.detach().clone() for n, p in sae.named_parameters()}
-    optimizer = torch.optim.Adam(sae.parameters(), lr=workers.LR)  # hooks: C1 scale, retraction
+def _train_unsharded(gauge: float) -> tuple[Any, torch.optim.Adam, list[float]]:
+    """The plain PolySAE trained on the workers' batches; the automatic hooks
+    apply C1's and U's step scales, the gauge step and the retraction."""
+    sae = workers.make_sae("float32", gauge_lr_scale=gauge)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=workers.LR)
     losses = []
     for step in range(workers.TRAIN_STEPS):
         x = workers.batch(step, torch.float32)
@@ -85,27 +86,55 @@ def test_training_run_equals_unsharded(runs: list[dict[str, Any]]) -> None:
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    state = runs[0]["train"]["state"]
-    assert runs[1]["train"]["state"] is None
+    return sae, optimizer, losses
+
+
+@pytest.mark.parametrize("gauge", workers.GAUGE_SCALES)
+def test_training_run_equals_unsharded(runs: list[dict[str, Any]], gauge: float) -> None:
+    initial = workers.make_sae("float32").state_dict()
+    sae, optimizer, losses = _train_unsharded(gauge)
+    train = [run[f"train_{gauge}"] for run in runs]
+    state = train[0]["state"]
+    assert train[1]["state"] is None
     workers.make_sae("float32").load_state_dict(state)  # the ordinary format, every key
     for name, param in sae.named_parameters():
         assert relative_error(state[name], param.detach()) < 1e-5, name
         assert relative_error(initial[name], param.detach()) > 1e-3, name  # it trained
-    assert runs[0]["train"]["losses"] == pytest.approx(losses, rel=1e-5)
-    assert runs[0]["train"]["losses"] == runs[1]["train"]["losses"]
-    for name, value in runs[0]["train"]["replicated"].items():
-        assert torch.equal(value, runs[1]["train"]["replicated"][name]), name
+    assert train[0]["losses"] == pytest.approx(losses, rel=1e-5)
+    assert train[0]["losses"] == train[1]["losses"]
+    for name, value in train[0]["replicated"].items():
+        assert torch.equal(value, train[1]["replicated"][name]), name
+    # the gauge step's Adam moments: the unsharded ones, identical on both ranks
+    reference = {k: v for k, v in optimizer.state[sae.U].items() if k.startswith("gauge_")}
+    assert set(train[0]["gauge_moments"]) == set(reference)
+    assert bool(reference) == (gauge > 0)
+    for key, value in reference.items():
+        got = train[0]["gauge_moments"][key]
+        if isinstance(value, torch.Tensor):
+            assert value.abs().max() > 0, key  # not vacuous
+            assert relative_error(got, value) < 1e-4, key
+            assert torch.equal(got, train[1]["gauge_moments"][key]), key
+        else:
+            assert got == value == workers.TRAIN_STEPS, key
+
+
+def test_the_gauge_step_changes_the_sharded_run(runs: list[dict[str, Any]]) -> None:
+    """With and without the gauge step the runs differ by far more than the
+    tolerance above, so the equality with gauge on is not the gauge-off run's."""
+    on, off = (runs[0][f"train_{gauge}"]["state"] for gauge in (1.0, 0.0))
+    assert relative_error(on["U"], off["U"]) > 1e-2
+    assert relative_error(on["C1"], off["C1"]) > 1e-2
 
 
 def test_U_orthonormal_across_the_union_of_the_shards(runs: list[dict[str, Any]]) -> None:
-    U = runs[0]["train"]["state"]["U"]
+    U = runs[0]["train_1.0"]["state"]["U"]
     assert U.shape == (workers.D_SAE, workers.RANKS[0])
     eye = torch.eye(U.shape[1])
     assert (U.T @ U - eye).abs().max() < 1e-5
     # each rank's rows alone are not orthonormal: the check needs the union
     top = U[:13]
     assert (top.T @ top - eye).abs().max() > 1e-2
-    assert set(runs[0]["train"]["passes"]) <= {1, 2}
+    assert set(runs[0]["train_1.0"]["passes"]) <= {1, 2}
 
 
 def test_retraction_far_from_the_manifold_equals_householder_qr(
@@ -143,6 +172,6 @@ def test_unsupported_sparsifier_is_refused() -> None:
     with pytest.raises(ValueError, match="TopK PolySAE"):
         shard_poly_sae(sae, 0, 2)
     topk = workers.make_sae("float32")
-    topk.cfg.gauge_lr_scale = 1.0
-    with pytest.raises(ValueError, match="gauge_lr_scale"):
+    topk.cfg.stiefel_every_n_steps = 2
+    with pytest.raises(ValueError, match=r"stiefel_every_n_steps=2 .*set stiefel_every_n_steps=1"):
         shard_poly_sae(topk, 0, 2)

@@ -210,15 +210,7 @@ def _cfg(**sae_overrides: Any) -> Any:
 
     from polysae_lens import PolyTopKTrainingSAEConfig
 
-    # the gauge step (on by default) is not implemented sharded
-    sae = {
-        "d_in": 16,
-        "d_sae": 48,
-        "k": 4,
-        "poly_ranks": (12, 5, 3),
-        "gauge_lr_scale": 0.0,
-        **sae_overrides,
-    }
+    sae = {"d_in": 16, "d_sae": 48, "k": 4, "poly_ranks": (12, 5, 3), **sae_overrides}
     return LanguageModelSAERunnerConfig(
         sae=PolyTopKTrainingSAEConfig(**sae),
         train_batch_size_tokens=32,
@@ -234,7 +226,6 @@ def _cfg(**sae_overrides: Any) -> Any:
         (3, 3, {}, r"train_batch_size_tokens=32 .* world size 3"),
         (16, 16, {}, r"d_sae=48 over world_size=16 .*at least k \* world_size = 64"),
         (2, 2, {"stiefel_every_n_steps": 2}, r"stiefel_every_n_steps=2 is not supported"),
-        (2, 2, {"gauge_lr_scale": 1.0}, r"gauge_lr_scale=1.0 is not supported.*=0.0"),
         (2, 2, {"normalize_activations": "expected_average_only_in"}, "normalize_activations"),
     ],
 )
@@ -274,7 +265,11 @@ def test_check_sharding_refuses_other_architectures_and_compile() -> None:
         ({"WORLD_SIZE": "2"}, ["--shard-latents=3"], "does not divide the world size 2"),
         ({"WORLD_SIZE": "2"}, ["--shard_latents", "2", "--architecture", "topk"], "not 'topk'"),
         ({"WORLD_SIZE": "2"}, ["--shard_latents", "two"], "not a whole number of shards"),
-        ({"WORLD_SIZE": "2"}, ["--shard_latents", "2"], "set gauge_lr_scale=0.0"),
+        (
+            {"WORLD_SIZE": "2"},
+            ["--shard_latents", "2", "--stiefel_every_n_steps", "2"],
+            "set stiefel_every_n_steps=1",
+        ),
     ],
 )
 def test_cli_refuses_before_loading_anything(
@@ -323,7 +318,7 @@ def test_cli_trains_latent_sharded_under_torchrun(tmp_path: Path) -> None:
         "--train_batch_size_tokens", "32", "--store_batch_size_prompts", "2",
         "--n_batches_in_buffer", "4", "--lr", "1e-2", "--log_to_wandb", "False",
         "--n_checkpoints", "1", "--checkpoint_path", str(tmp_path / "checkpoints"),
-        "--shard_latents", "2", "--gauge_lr_scale", "0",
+        "--shard_latents", "2",
     ]  # fmt: skip
 
     def train(*extra: str) -> subprocess.CompletedProcess[str]:

@@ -249,7 +249,7 @@ class _PolyTrainingDefaults:
     interaction terms choose which directions of U they square, which U's own
     Adam step does only very slowly (``docs/inclass-plateau.md``). Only at
     order >= 2. 1 (default) is U's learning rate; 0 turns it off (the paper's
-    model and update, and what the latent-sharded trainer requires)."""
+    model and update)."""
     aux_dead_window: int = 100
     """TopK, BatchTopK and Matryoshka PolySAEs: the AuxK loss also treats as
     dead every latent that fired in none of the last ``aux_dead_window``

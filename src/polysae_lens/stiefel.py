@@ -406,7 +406,12 @@ def interaction_rank(sae: nn.Module) -> int:
 
 
 def gauge_gradient(
-    U_FR: Tensor, dU_FR: Tensor, C1_RD: Tensor, dC1_RD: Tensor, rank: int | None = None
+    U_FR: Tensor,
+    dU_FR: Tensor,
+    C1_RD: Tensor,
+    dC1_RD: Tensor,
+    rank: int | None = None,
+    sum_over_latents: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The loss's gradient along the gauge orbit ``U -> U Q, C1 -> Q^T C1``:
     its first ``rank`` rows (default all R1), shape [rank, R1].
@@ -420,12 +425,23 @@ def gauge_gradient(
     columns of U, so rows and columns past ``rank`` of the full gradient are
     zero up to rounding (only the first ``rank`` rows are computed: the rest
     follows by skew symmetry).
+
+    ``sum_over_latents`` is for U split by rows (latent sharding): given this
+    holder's flattened share of ``U^T dU`` (a sum over latents) it returns the
+    sum of every holder's share, so all of them get the whole gradient.
     """
     r = U_FR.shape[1] if rank is None else rank
     dtype = _at_least_float32(U_FR.dtype)
     U, dU, C1, dC1 = (t.to(dtype) for t in (U_FR, dU_FR, C1_RD, dC1_RD))
-    top_rR = U[:, :r].T @ dU + C1[:r] @ dC1.T  # rows :r of M = U^T dU + C1 dC1^T
-    rest_Qr = U[:, r:].T @ dU[:, :r] + C1[r:] @ dC1[:r].T  # M[r:, :r]
+    # rows :r of M = U^T dU + C1 dC1^T, and M[r:, :r]
+    top_rR = U[:, :r].T @ dU
+    rest_Qr = U[:, r:].T @ dU[:, :r]
+    if sum_over_latents is not None:
+        total = sum_over_latents(torch.cat([top_rR.reshape(-1), rest_Qr.reshape(-1)]))
+        top_rR, rest_Qr = total[: top_rR.numel()].view_as(top_rR), total[top_rR.numel() :]
+        rest_Qr = rest_Qr.view(U.shape[1] - r, r)
+    top_rR = top_rR + C1[:r] @ dC1.T
+    rest_Qr = rest_Qr + C1[r:] @ dC1[:r].T
     gamma_rR = torch.empty_like(top_rR)
     # the leading block from one product, so exactly skew (a rounding-sized
     # diagonal would become a full-sized Adam step)

@@ -15,7 +15,12 @@ batch everywhere:
 - retraction: the Gram matrix ``U^T U`` (R1 x R1) is the sum of the ranks'
   Gram matrices, so one all-reduce, one Cholesky (identical on every rank) and
   each rank multiplies its rows by the same triangular factor (CholeskyQR, a
-  second pass when :func:`polysae_lens.stiefel._needs_second_pass` says so).
+  second pass when :func:`polysae_lens.stiefel._needs_second_pass` says so);
+- gauge step (``gauge_lr_scale``, on by default): the orbit gradient's
+  ``U^T dU`` is a sum over latents, so one all-reduce of its [r, R1] block
+  gives every rank the whole SAE's gradient; the Adam moments of the orbit and
+  the rotation Q are then identical everywhere, C1 turns identically on every
+  rank and each rank turns its own rows of U (``U_s Q``) before the retraction.
 
 Gradients are the unsharded model's: the all-reduce of ``a`` is differentiated
 as a sum over ranks of one replicated loss (backward: identity), and the
@@ -23,9 +28,10 @@ encoder's input is differentiated as a copy onto every rank (backward: sum), see
 :func:`reduce_from_shards` and :func:`copy_to_shards`.
 
 Supported: TopK PolySAE (architecture ``"poly"``), any order and ranks, MSE
-loss, Adam with C1's and U's step scales, retraction every step. Not supported
-(refused by :func:`shard_poly_sae` with the reason): BatchTopK/Matryoshka/JumpReLU/gated
-sparsifiers, the gauge step, ``stiefel_every_n_steps != 1``, moment projection,
+loss, Adam with C1's and U's step scales, the gauge step, retraction every
+step. Not supported (refused by :func:`shard_poly_sae` with the reason):
+BatchTopK/Matryoshka/JumpReLU/gated sparsifiers, ``stiefel_every_n_steps != 1``,
+moment projection,
 AuxK in :func:`sharded_train_step` (MSE only; the SAETrainer integration,
 :mod:`.sharded_trainer`, adds :func:`sharded_auxk_loss`). Training through
 SAETrainer, the runner and the CLI on a ``(dp, shard)`` mesh:
@@ -43,7 +49,16 @@ from torch import Tensor, nn
 
 from polysae_lens.polynomial import PolyDecoderWeights, terms_from_projection
 from polysae_lens.sparse import SparseCode, code_from_positions, gather_preacts, project_sparse
-from polysae_lens.stiefel import _needs_second_pass, cholesky_qr_pass_, symmetric_gram
+from polysae_lens.stiefel import (
+    _needs_second_pass,
+    cholesky_qr_pass_,
+    gauge_adam_step,
+    gauge_gradient,
+    gauge_step_scale,
+    interaction_rank,
+    symmetric_gram,
+    turn_along_gauge_,
+)
 
 # ---- layout ------------------------------------------------------------------
 
@@ -294,9 +309,12 @@ def sharded_cholesky_qr_(U_LR: Tensor, group: Any = None) -> int:
 
 
 def _global_gram(Q_LR: Tensor, group: Any) -> Tensor:
-    gram_RR = symmetric_gram(Q_LR)
-    dist.all_reduce(gram_RR, op=dist.ReduceOp.SUM, group=group)
-    return gram_RR
+    return _summed_over_shards(symmetric_gram(Q_LR), group)
+
+
+def _summed_over_shards(partial: Tensor, group: Any) -> Tensor:
+    dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
+    return partial
 
 
 # ---- the module --------------------------------------------------------------
@@ -324,6 +342,9 @@ class ShardedPolyConfig:
     aux_dead_window: int = 0
     """AuxK also takes latents silent for this many steps (0: the trainer's
     window only); the sharded trainer counts them per slice."""
+    gauge_lr_scale: float = 0.0
+    """The gauge step's learning rate relative to the optimizer's (0: off),
+    :func:`sharded_optimizer_step`."""
 
 
 class ShardedForward(NamedTuple):
@@ -427,7 +448,6 @@ def check_shardable_options(cfg: Any) -> None:
     """Raise ValueError, naming the option and the fix, for a PolySAE config
     option the sharded model does not implement."""
     unsupported = {
-        "gauge_lr_scale": (getattr(cfg, "gauge_lr_scale", 0.0), 0.0),
         "stiefel_every_n_steps": (getattr(cfg, "stiefel_every_n_steps", 1), 1),
         "stiefel_project_moments": (getattr(cfg, "stiefel_project_moments", False), False),
         "rescale_acts_by_decoder_norm": (
@@ -472,6 +492,7 @@ def sharded_config(sae: nn.Module) -> ShardedPolyConfig:
         apply_b_dec_to_input=bool(cfg.apply_b_dec_to_input),
         step_scales=tuple(step_scales(sae).items()),
         aux_dead_window=int(getattr(cfg, "aux_dead_window", 0)),
+        gauge_lr_scale=float(getattr(cfg, "gauge_lr_scale", 0.0)),
     )
 
 
@@ -556,15 +577,46 @@ def sharded_adam(shard: ShardedPolySAE, lr: float, **adam_kwargs: Any) -> torch.
     return torch.optim.Adam(groups, lr=lr, **adam_kwargs)
 
 
+def sharded_optimizer_step(shard: ShardedPolySAE, optimizer: torch.optim.Optimizer) -> int:
+    """``optimizer.step()`` with what the unsharded PolySAE's optimizer hooks
+    do around it (:mod:`polysae_lens.stiefel`): the gauge step where the config
+    asks for it (orbit gradient before the step, Adam moments of the orbit,
+    turn after it) and the sharded retraction. Returns the retraction's
+    CholeskyQR passes. Collective over the shard group.
+
+    ``optimizer`` is :func:`sharded_adam`'s: U's parameter group runs at
+    ``lr`` times U's step scale, so the gauge step, whose learning rate is
+    ``lr * gauge_lr_scale`` as in the unsharded hooks, divides that scale out.
+    """
+    scale = gauge_step_scale(shard)
+    U, C1 = shard.U, shard.C1
+    gamma_rR = None
+    if scale > 0 and U.grad is not None and C1.grad is not None:
+        gamma_rR = gauge_gradient(
+            U.detach(),
+            U.grad,
+            C1.detach(),
+            C1.grad,
+            interaction_rank(shard),
+            sum_over_latents=lambda partial: _summed_over_shards(partial, shard.group),
+        )
+    optimizer.step()
+    if gamma_rR is not None:
+        u_scale = dict(shard.cfg.step_scales).get("U", 1.0)
+        turn_rR = gauge_adam_step(shard, optimizer, gamma_rR, scale / u_scale)
+        turn_along_gauge_(U.data, C1.data, turn_rR)
+    return sharded_cholesky_qr_(U.data, shard.group)
+
+
 def sharded_train_step(
     shard: ShardedPolySAE, optimizer: torch.optim.Optimizer, x_BD: Tensor
 ) -> ShardedStep:
     """One step on the global batch ``x_BD`` (identical on every rank):
-    forward, MSE loss, backward, optimizer step, sharded retraction."""
+    forward, MSE loss, backward, optimizer step with the gauge step and the
+    sharded retraction (:func:`sharded_optimizer_step`)."""
     optimizer.zero_grad(set_to_none=True)
     output = shard(x_BD)
     loss = (output.sae_out_BD - x_BD).pow(2).sum(-1).mean()
     loss.backward()
-    optimizer.step()
-    passes = sharded_cholesky_qr_(shard.U.data, shard.group)
+    passes = sharded_optimizer_step(shard, optimizer)
     return ShardedStep(float(loss.detach()), passes)

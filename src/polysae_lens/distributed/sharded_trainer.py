@@ -15,8 +15,9 @@ unsharded model's norm needs the sharded parameters' squares summed over the
 shard group, and that reduction must run between ``backward`` and the
 optimizer step, where SAETrainer offers no seam. The override keeps its order:
 forward (inside autocast) -> firing statistics -> backward -> gradients
-averaged over the dp group -> clip by the global norm -> optimizer step ->
-sharded retraction of U -> zero_grad -> LR and coefficient schedulers.
+averaged over the dp group -> clip by the global norm -> optimizer step with
+the gauge step and the sharded retraction of U -> zero_grad -> LR and
+coefficient schedulers.
 
 Checkpoints are ordinary: :meth:`ShardedSAETrainer.save_checkpoint` gathers the
 SAE to rank 0, which writes it with SAELens's ``save_model`` (loadable by
@@ -50,7 +51,7 @@ from polysae_lens.distributed.sharded import (
     shard_bounds,
     sharded_adam,
     sharded_auxk_loss,
-    sharded_cholesky_qr_,
+    sharded_optimizer_step,
 )
 from polysae_lens.distributed.stats import reduce_step_stats
 from polysae_lens.distributed.trainer import StopAfterAgreedStep
@@ -272,8 +273,7 @@ class ShardedSAETrainer(StopAfterAgreedStep, SAETrainer[Any, Any]):
         output.loss.backward()
         self._average_gradients_over_replicas()
         self._clip_by_global_norm()
-        self.optimizer.step()
-        sharded_cholesky_qr_(self.shard.U.data, self.mesh.shard_group)
+        sharded_optimizer_step(self.shard, self.optimizer)
         self.optimizer.zero_grad()
         self.lr_scheduler.step()
         for scheduler in self.coefficient_schedulers.values():
