@@ -20,6 +20,13 @@ SAETrainer). Each variant changes one thing against the package defaults
   (1: the first R2 columns span the true quadratic coordinates, in any basis).
 - ``lambda2``, ``|C2|`` (Frobenius), ``quad share`` (the quadratic term's share
   of the reconstruction's centred energy), held-out MSE.
+- ``atoms_found``: the share of true atoms some latent's first-order decoder row
+  matches at cosine >= 0.9; ``unmatched``: latents whose row matches no atom;
+  ``quad_latents``: latents whose row has more than half its energy in the
+  true quadratic term's output subspace (the row space of C2*: R2 of d_in
+  dimensions, so a random direction has R2 / d_in of its energy there), the
+  latents that stand in for the quadratic term linearly, as a linear SAE's do;
+  ``quad_unmatched``: those that also match no atom. Also for TopK.
 
 Run: ``.venv/bin/python benchmarks/inclass_plateau.py [--variants ...] [--seeds 0 1]``.
 """
@@ -76,6 +83,9 @@ def make_probe(truth: InClassGroundTruth, n: int = 4096) -> bench.Probe:
     q_BD = terms.quadratic
     r2 = truth.cfg.ranks[1]
     a_true_S = (z_true @ w.U_FR)[:, :r2]
+    atoms_ND = nn.functional.normalize(w.U_FR @ w.C1_RD, dim=1)
+    assert w.C2_SD is not None
+    quad_out_DS = torch.linalg.qr(w.C2_SD.T)[0]  # orthonormal basis of C2*'s row space
 
     @torch.no_grad()
     def probe(sae: Any, step: int) -> dict[str, float]:
@@ -85,6 +95,14 @@ def make_probe(truth: InClassGroundTruth, n: int = 4096) -> bench.Probe:
         mse = float((sae.decode(z) - x).pow(2).sum(-1).mean())
         sae.train(was)
         out = {"mse": mse}
+        rows_FD = sae.W_dec.detach()
+        cos_FN = nn.functional.normalize(rows_FD, dim=1) @ atoms_ND.T
+        unmatched_F = cos_FN.max(1).values < 0.9
+        in_quad_F = (rows_FD @ quad_out_DS).pow(2).sum(1) > rows_FD.pow(2).sum(1) / 2
+        out["atoms_found"] = float((cos_FN.max(0).values >= 0.9).float().mean())
+        out["unmatched"] = float(unmatched_F.sum())
+        out["quad_latents"] = float(in_quad_F.sum())
+        out["quad_unmatched"] = float((in_quad_F & unmatched_F).sum())
         U = getattr(sae, "U", None)
         if U is None:
             return out

@@ -12,7 +12,10 @@ quadratic subspace after step T), ``+norefit`` (without refitting C2), ``+l2=V``
 ``+cfg=FIELD:VALUE`` (any PolySAE config field, a number), ``+c2norm`` (C2's Frobenius
 norm held at its initial value after every step: lambda2 carries the term's scale),
 ``+compret`` (U retracted with C1 compensated, ``U = Q R -> Q, C1 -> R C1``, so the
-retraction leaves ``U @ C1`` unchanged).
+retraction leaves ``U @ C1`` unchanged), ``+release=T`` (after step T, the latents whose
+first-order decoder rows have more than half their energy in the row space of the model's
+C2 are handed to AuxK: encoder columns x 0.1, counted as silent for ``aux_dead_window``
+steps).
 
 Run from the repository root (one thread, ~1 min per 6000-step run)::
 
@@ -167,6 +170,34 @@ def compensated_retraction(trainer: Any, sae: Any) -> None:
     register_optimizer_step_post_hook(post)
 
 
+def make_release(at_step: int) -> Setup:
+    """After step ``at_step``: the latents standing in for the quadratic term linearly
+    (first-order decoder row more than half in the row space of the model's C2) get their
+    encoder columns shrunk 10x and are counted silent, so AuxK retrains them at once."""
+
+    def setup(trainer: Any, sae: Any) -> None:
+        opt = trainer.optimizer
+        steps = [0]
+
+        @torch.no_grad()
+        def post(o: Any, args: Any, kwargs: Any) -> None:
+            if o is not opt:
+                return
+            steps[0] += 1
+            if steps[0] != at_step:
+                return
+            rows_FD = sae.W_dec
+            basis_DS = torch.linalg.qr(sae.C2.T)[0]
+            chosen_F = (rows_FD @ basis_DS).pow(2).sum(1) > rows_FD.pow(2).sum(1) / 2
+            sae.W_enc[:, chosen_F] *= 0.1
+            sae.steps_since_fired[chosen_F] = sae.cfg.aux_dead_window
+            print(f"step {at_step}: released {int(chosen_F.sum())} latents", flush=True)
+
+        register_optimizer_step_post_hook(post)
+
+    return setup
+
+
 def make_dead_window(window: int) -> Setup:
     """The trainer's ``dead_feature_window`` (steps without firing before AuxK
     treats a latent as dead)."""
@@ -244,6 +275,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     kw[field] = int(number) if number.lstrip("-").isdigit() else float(number)
                 if k_ == "compret":
                     setups.append(compensated_retraction)
+                if k_ == "release":
+                    setups.append(make_release(int(val)))
                 if k_ == "c2norm":
                     setups.append(hold_c2_norm)
                 if k_ == "dfw":
