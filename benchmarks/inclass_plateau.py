@@ -202,6 +202,10 @@ def variant(name: str) -> tuple[bench.Contender, Any]:
         return P("paper", "poly", 2, tuple(bench.paper_kwargs().items())), None
     if base == "lambda2":  # lambda2:<init>
         return P(name, "poly", 2, (("lambda2_init", float(kw)),)), None
+    if base == "cfg":  # cfg:FIELD=VALUE, any PolySAE config field (a number)
+        field_name, _, number = kw.partition("=")
+        value = int(number) if number.lstrip("-").isdigit() else float(number)
+        return P(name, "poly", 2, ((field_name, value),)), None
     if base == "proj":
         return P(name, "poly", 2, (("stiefel_project_moments", True),)), None
     if base == "noretract":

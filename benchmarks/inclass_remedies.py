@@ -9,7 +9,8 @@ quadratic subspace after step T), ``+norefit`` (without refitting C2), ``+l2=V``
 (``lambda2_init``), ``+gsched=S:T`` (gauge scale S until step T, then the configured one),
 ``+lr=NAME:M,...`` (parameter NAME's optimizer step times M, e.g. ``+lr=C2:3,lambda2:3``),
 ``+dfw=N`` (the trainer's ``dead_feature_window``, SAELens's default 1000),
-``+cfg=FIELD:VALUE`` (any PolySAE config field, a number), ``+c2norm`` (C2's Frobenius
+``+cfg=FIELD:VALUE`` (any PolySAE config field: a number, true/false or a word such as
+``aux_k:d_in/2``), ``+c2norm`` (C2's Frobenius
 norm held at its initial value after every step: lambda2 carries the term's scale),
 ``+compret`` (U retracted with C1 compensated, ``U = Q R -> Q, C1 -> R C1``, so the
 retraction leaves ``U @ C1`` unchanged), ``+release=T`` (after step T, the latents whose
@@ -225,6 +226,18 @@ def make_lr_scales(mults: dict[str, float]) -> Setup:
     return setup
 
 
+def config_value(text: str) -> Any:
+    """A ``+cfg=FIELD:VALUE`` value: an int, a float, true/false, or else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", nargs="+", default=["poly2", "gauge", "poly2+warm=300"])
@@ -271,8 +284,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     s0, t0_ = val.split(":")
                     setups.append(make_sched(float(s0), int(t0_)))
                 if k_ == "cfg":
-                    field, _, number = val.partition(":")
-                    kw[field] = int(number) if number.lstrip("-").isdigit() else float(number)
+                    field, _, text = val.partition(":")
+                    kw[field] = config_value(text)
                 if k_ == "compret":
                     setups.append(compensated_retraction)
                 if k_ == "release":

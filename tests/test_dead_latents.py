@@ -77,26 +77,52 @@ def test_count_step_restarts_the_fired_and_ages_the_rest() -> None:
 # ---- in the SAE ---------------------------------------------------------------------
 
 
-def plain_auxk(sae: Any, x: torch.Tensor, out: torch.Tensor, dead_F: torch.Tensor) -> float:
+def plain_auxk(
+    sae: Any,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    dead_F: torch.Tensor,
+    k_aux: int = D_IN // 2,
+    outside_C2: bool = False,
+) -> float:
     """Gao et al.'s AuxK through the order-2 decoder, written out here: each row's
-    k_aux = d_in // 2 largest dead pre-activations decode the residual."""
+    ``k_aux`` largest dead pre-activations decode the residual; with
+    ``outside_C2`` the error is measured after removing its least-squares fit by
+    C2's rows (its projection onto their row space)."""
     with torch.no_grad():
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-        k_aux = min(D_IN // 2, int(dead_F.sum()))
+        used = min(k_aux, int(dead_F.sum()))
         masked = torch.where(dead_F, pre, torch.tensor(-torch.inf))
-        top = masked.topk(k_aux, dim=-1)
+        top = masked.topk(used, dim=-1)
         z = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
         a = z @ sae.U
         recon = a @ sae.C1 + sae.lambda2 * (a[:, : RANKS[1]] ** 2) @ sae.C2
-        scale = min(int(dead_F.sum()) / (D_IN // 2), 1.0)
-        loss = scale * ((recon - (x - out)) ** 2).sum(-1).mean()
+        error = (recon - (x - out)).double()
+        if outside_C2:
+            C2 = sae.C2.double()  # [R2, D]: error ~ coef @ C2 by least squares
+            coef = torch.linalg.lstsq(C2.T, error.T).solution.T
+            error = error - coef @ C2
+        scale = min(int(dead_F.sum()) / k_aux, 1.0)
+        loss = scale * (error**2).sum(-1).mean()
     return float(sae.cfg.aux_loss_coefficient * loss)
 
 
+AUX_SETTINGS = {
+    "defaults": ({}, K, True),
+    "paper": ({"aux_k": "d_in/2", "aux_outside_interactions": False}, D_IN // 2, False),
+    "k_aux 1": ({"aux_k": 1}, 1, True),
+}
+"""Config overrides -> (k_aux, compared outside C2's row space)."""
+
+
+@pytest.mark.parametrize("setting", list(AUX_SETTINGS))
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_aux_loss_takes_the_latents_silent_past_the_window(name: str, sparse: bool) -> None:
-    sae = make(name, aux_dead_window=3)
+def test_aux_loss_takes_the_latents_silent_past_the_window(
+    name: str, sparse: bool, setting: str
+) -> None:
+    overrides, k_aux, outside = AUX_SETTINGS[setting]
+    sae = make(name, aux_dead_window=3, **overrides)
     sae.sparse_kernels = sparse
     sae.train()
     with torch.no_grad():
@@ -108,7 +134,15 @@ def test_aux_loss_takes_the_latents_silent_past_the_window(name: str, sparse: bo
     out = sae.training_forward_pass(step_input(x, trainer_mask))
     got = float(out.losses["auxiliary_reconstruction_loss"])
     assert got > 0
-    assert got == pytest.approx(plain_auxk(sae, x, out.sae_out.detach(), expected_dead), rel=1e-4)
+    reference = plain_auxk(sae, x, out.sae_out.detach(), expected_dead, k_aux, outside)
+    assert got == pytest.approx(reference, rel=1e-4)
+    # not vacuous: each setting differs from the others' rules
+    for other, (_, other_k, other_outside) in AUX_SETTINGS.items():
+        if other != setting:
+            alternative = plain_auxk(
+                sae, x, out.sae_out.detach(), expected_dead, other_k, other_outside
+            )
+            assert alternative != pytest.approx(got, rel=1e-3), other
 
 
 def test_window_zero_is_saelens_auxk() -> None:

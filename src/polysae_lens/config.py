@@ -21,6 +21,7 @@ from sae_lens.saes.sae import SAEConfig
 from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAEConfig
 from typing_extensions import override
 
+from polysae_lens.auxk import AUX_K_RULES
 from polysae_lens.stiefel import RETRACTIONS
 
 POLY_ORDERS = (1, 2, 3)
@@ -35,14 +36,21 @@ PAPER_TRAINING_SETTINGS: dict[str, Any] = {
     "u_lr_scale": 1.0,
     "gauge_lr_scale": 0.0,
     "aux_dead_window": 0,
+    "aux_k": "d_in/2",
+    "aux_outside_interactions": False,
 }
 """Training fields that turn the package's PolySAE training into the paper's (the
 authors' code): its initialisation, one learning rate, no gauge step, SAELens's
 AuxK."""
-PREVIOUS_TRAINING_DEFAULTS: dict[str, Any] = {"gauge_lr_scale": 0.0, "u_lr_scale": 1.0}
-"""The package's training defaults before the gauge step and U's step scale became
-defaults (issue 13, fourth pass): the demo and ``benchmarks/inclass.py`` train
-them beside the current defaults."""
+PREVIOUS_TRAINING_DEFAULTS: dict[str, Any] = {
+    "gauge_lr_scale": 0.0,
+    "u_lr_scale": 1.0,
+    "aux_k": "d_in/2",
+    "aux_outside_interactions": False,
+}
+"""The package's training defaults before the gauge step, U's step scale and the
+AuxK changes became defaults (issue 13, fourth and seventh passes): the demo and
+``benchmarks/inclass.py`` train them beside the current defaults."""
 DEFAULT_INTERACTION_RANK = 64  # R2 = R3 = 64 for GPT-2 small (paper Sec. 5.1)
 
 
@@ -195,6 +203,8 @@ class _PolyTrainingDefaults:
         u_lr_scale: factor on U's optimizer step; default sqrt(R1 / d_sae), 1.0 = paper.
         gauge_lr_scale: learning rate of the gauge step turning U's basis (0 = off, paper).
         aux_dead_window: AuxK also takes latents silent for this many steps (0: trainer's only).
+        aux_k: dead latents per row in AuxK: "k" (default, the SAE's k), "d_in/2" (paper), or N.
+        aux_outside_interactions: AuxK ignores the interaction terms' output subspace (paper: False).
         stiefel_every_n_steps: retract U after every n-th optimizer step (0: never).
         stiefel_method: "cholesky_qr" (default) or "qr"; both give the same Q.
         stiefel_project_moments: also project Adam's first moment onto the tangent space.
@@ -259,6 +269,23 @@ class _PolyTrainingDefaults:
     latents keep firing now and then instead of dying, so the trainer's window
     alone never hands them to AuxK (``docs/inclass-plateau.md``). 0 keeps the
     trainer's mask only (SAELens's and the paper's behaviour)."""
+    aux_k: int | str = "k"
+    """TopK, BatchTopK and Matryoshka PolySAEs: how many dead latents decode the
+    residual on each row in the AuxK loss (:mod:`polysae_lens.auxk`). ``"k"``
+    (default): the SAE's own k, so the dead latents compete for the residual as
+    the live ones compete for the input; ``"d_in/2"``: SAELens's and the
+    paper's d_in // 2, which, with fewer dead latents than that, makes every
+    dead latent active on every row (a dense regression of the residual); or a
+    positive integer."""
+    aux_outside_interactions: bool = True
+    """TopK, BatchTopK and Matryoshka PolySAEs of order >= 2: AuxK compares its
+    reconstruction with the residual only outside the output subspace of the
+    interaction terms (the row space of C2, and of C3 at order 3), so dead
+    latents are not revived as linear stand-ins for interactions the
+    polynomial has not learned yet (:mod:`polysae_lens.auxk`;
+    ``docs/inclass-plateau.md``, seventh pass). Where those rows span all of
+    d_in (R2 + R3 >= d_in) the comparison is in all of d_in. False: SAELens's
+    and the paper's AuxK."""
     stiefel_every_n_steps: int = 1
     """Retract U onto the Stiefel manifold after every n-th optimizer step. The
     paper retracts after every step (1, the default); 0 disables the retraction
@@ -287,6 +314,18 @@ class _PolyTrainingDefaults:
             )
         if not isinstance(self.fused_adam, bool):
             raise ValueError(f"fused_adam={self.fused_adam!r} must be True or False.")
+        if not isinstance(self.aux_outside_interactions, bool):
+            raise ValueError(
+                f"aux_outside_interactions={self.aux_outside_interactions!r} must be True or False."
+            )
+        aux_k = self.aux_k
+        if aux_k not in AUX_K_RULES and (
+            not isinstance(aux_k, int) or isinstance(aux_k, bool) or aux_k < 1
+        ):
+            raise ValueError(
+                f"aux_k={aux_k!r} is not allowed: use one of {list(AUX_K_RULES)} or a positive "
+                "integer (dead latents per row in the AuxK loss)."
+            )
         if self.init_preset not in INIT_PRESETS:
             raise ValueError(
                 f"init_preset={self.init_preset!r} is not allowed: use one of {list(INIT_PRESETS)}."

@@ -18,7 +18,7 @@ R rank).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -33,11 +33,11 @@ from sae_lens.saes.topk_sae import (
     TopK,
     TopKSAE,
     TopKTrainingSAE,
-    calculate_topk_aux_acts,
 )
 from torch import Tensor, nn
 from typing_extensions import override
 
+from polysae_lens.auxk import aux_settings, auxk_loss, decode_top_dead_dense
 from polysae_lens.config import (
     PolyBatchTopKTrainingSAEConfig,
     PolyConfig,
@@ -467,10 +467,10 @@ class PolyTrainingMixin(PolyDecoderMixin):
             aux = self._active_code(encoder_input, hidden_pre_BF, rows_N, cols_N, relu=False)
             return self._decode_code(aux)
 
-        loss = _auxk_loss(
+        loss = auxk_loss(
             residual_BD=(step_input.sae_in - sae_out_BD).detach(),
             dead_mask_F=dead_mask_F,
-            k_aux=step_input.sae_in.shape[-1] // 2,
+            settings=aux_settings(self.cfg, self.decoder_weights),
             decode_top_dead=decode_top_dead,
             normalize_activations=self.cfg.normalize_activations,
         )
@@ -508,12 +508,12 @@ class PolyTrainingMixin(PolyDecoderMixin):
         polynomial decoder: the top dead latents reconstruct the residual."""
         if dead_neuron_mask is None:
             return sae_out.new_tensor(0.0)
-        loss = _auxk_loss(
+        loss = auxk_loss(
             residual_BD=(sae_in - sae_out).detach(),
             dead_mask_F=dead_neuron_mask,
-            k_aux=sae_in.shape[-1] // 2,
+            settings=aux_settings(self.cfg, self.decoder_weights),
             decode_top_dead=partial(
-                _decode_top_dead_dense, hidden_pre, dead_neuron_mask, self._decode_without_bias
+                decode_top_dead_dense, hidden_pre, dead_neuron_mask, self._decode_without_bias
             ),
             normalize_activations=self.cfg.normalize_activations,
         )
@@ -700,17 +700,18 @@ class PolyMatryoshkaTrainingSAE(PolyBatchTopKTrainingSAE, MatryoshkaBatchTopKTra
         if dead_neuron_mask is None or not bool(dead_neuron_mask.any()):
             return sae_out.new_tensor(0.0)
         weights = self.decoder_weights
+        settings = aux_settings(self.cfg, weights)
         losses = []
         start = 0
         for width, level_out in self._iterable_decode(feature_acts, include_outer_loss=True):
             level_dead = dead_neuron_mask[start:width]
             losses.append(
-                _auxk_loss(
+                auxk_loss(
                     residual_BD=(sae_in - level_out).detach(),
                     dead_mask_F=level_dead,
-                    k_aux=sae_in.shape[-1] // 2,
+                    settings=settings,
                     decode_top_dead=partial(
-                        _decode_top_dead_dense,
+                        decode_top_dead_dense,
                         hidden_pre[..., start:width],
                         level_dead,
                         partial(
@@ -777,46 +778,6 @@ class PolyGatedTrainingSAE(_GatedBiases, PolyTrainingMixin, GatedTrainingSAE):
 def _batchtopk_threshold(topk_threshold: Tensor, b_enc_F: Tensor) -> Tensor:
     """The per-latent threshold a BatchTopK SAE is saved with (SAELens's formula)."""
     return torch.ones_like(b_enc_F) * topk_threshold.item()
-
-
-def _require_aux_compatible_normalisation(mode: str) -> None:
-    if mode in ("constant_norm_rescale", "layer_norm"):
-        raise ValueError(
-            f"The AuxK loss does not support normalize_activations={mode!r}: its "
-            "reconstruction would live in the normalised space and the residual in "
-            "the original one. Use 'none' or 'expected_average_only_in'."
-        )
-
-
-def _auxk_loss(
-    residual_BD: Tensor,
-    dead_mask_F: Tensor | None,
-    k_aux: int,
-    decode_top_dead: Callable[[int], Tensor],
-    normalize_activations: str,
-) -> Tensor:
-    """The top ``k_aux`` dead latents reconstruct the residual (Gao et al. 2024,
-    App. A.2), scaled down when fewer than ``k_aux`` latents are dead.
-
-    ``decode_top_dead(k)`` decodes (without bias) each row's k largest dead
-    pre-activations.
-    """
-    num_dead = 0 if dead_mask_F is None else int(dead_mask_F.sum())
-    if num_dead == 0:
-        return residual_BD.new_tensor(0.0)
-    _require_aux_compatible_normalisation(normalize_activations)
-    scale = min(num_dead / k_aux, 1.0)
-    recons_BD = decode_top_dead(min(k_aux, num_dead))
-    return scale * (recons_BD - residual_BD).pow(2).sum(dim=-1).mean()
-
-
-def _decode_top_dead_dense(
-    hidden_pre_BF: Tensor,
-    dead_mask_F: Tensor,
-    decode: Callable[[Tensor], Tensor],
-    k_aux: int,
-) -> Tensor:
-    return decode(calculate_topk_aux_acts(k_aux, hidden_pre_BF, dead_mask_F))
 
 
 def _encoder_preacts(

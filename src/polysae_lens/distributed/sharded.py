@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from polysae_lens.auxk import aux_settings, outside_interactions
 from polysae_lens.polynomial import PolyDecoderWeights, terms_from_projection
 from polysae_lens.sparse import SparseCode, code_from_positions, gather_preacts, project_sparse
 from polysae_lens.stiefel import (
@@ -248,17 +249,20 @@ def sharded_auxk_loss(
     shard: ShardedPolySAE, forward: ShardedForward, x_BD: Tensor, dead_L: Tensor
 ) -> Tensor:
     """The AuxK loss (Gao et al. 2024, App. A.2) of the unsharded PolySAE, from
-    the shards: each row's top ``k_aux = d_in // 2`` dead latents over all ranks
-    (``dead_L``: this rank's dead mask [width]) reconstruct the residual through
-    the polynomial without bias, scaled by ``min(n_dead / k_aux, 1)``; 0 when no
-    latent is dead anywhere. Without the loss coefficient."""
+    the shards: each row's top ``k_aux`` dead latents over all ranks (``dead_L``:
+    this rank's dead mask [width]) reconstruct the residual through the
+    polynomial without bias, compared as the config's ``aux_k`` and
+    ``aux_outside_interactions`` say (:mod:`polysae_lens.auxk`), scaled by
+    ``min(n_dead / k_aux, 1)``; 0 when no latent is dead anywhere. Without the
+    loss coefficient."""
     group = shard.group
     n_dead = dead_L.sum().to(torch.float64).reshape(1)
     dist.all_reduce(n_dead, op=dist.ReduceOp.SUM, group=group)
     num_dead = int(n_dead.item())
     if num_dead == 0:
         return x_BD.new_tensor(0.0)
-    k_aux = shard.cfg.d_in // 2
+    settings = aux_settings(shard.cfg, shard.decoder_weights)
+    k_aux = settings.k_aux
     hidden_pre_BL = forward.sharded.hidden_pre_BL
     masked_BL = torch.where(dead_L[None], hidden_pre_BL, -torch.inf)
     selection = select_global_topk(masked_BL, min(k_aux, num_dead), shard.bounds, group)
@@ -271,7 +275,8 @@ def sharded_auxk_loss(
     a_BR = sharded_project(code.with_vals(pre_N), shard.U, group)
     recons_BD = terms_from_projection(a_BR, shard.decoder_weights).total()
     residual_BD = (x_BD - forward.sae_out_BD).detach()
-    return min(num_dead / k_aux, 1.0) * (recons_BD - residual_BD).pow(2).sum(dim=-1).mean()
+    error_BD = outside_interactions(recons_BD - residual_BD, settings.interaction_SD)
+    return min(num_dead / k_aux, 1.0) * error_BD.pow(2).sum(dim=-1).mean()
 
 
 # ---- retraction --------------------------------------------------------------
@@ -345,6 +350,11 @@ class ShardedPolyConfig:
     gauge_lr_scale: float = 0.0
     """The gauge step's learning rate relative to the optimizer's (0: off),
     :func:`sharded_optimizer_step`."""
+    aux_k: int | str = "d_in/2"
+    """Dead latents per row in the AuxK loss (:func:`polysae_lens.auxk.resolve_aux_k`)."""
+    aux_outside_interactions: bool = False
+    """AuxK compares outside the interaction terms' output subspace
+    (:mod:`polysae_lens.auxk`)."""
 
 
 class ShardedForward(NamedTuple):
@@ -493,6 +503,8 @@ def sharded_config(sae: nn.Module) -> ShardedPolyConfig:
         step_scales=tuple(step_scales(sae).items()),
         aux_dead_window=int(getattr(cfg, "aux_dead_window", 0)),
         gauge_lr_scale=float(getattr(cfg, "gauge_lr_scale", 0.0)),
+        aux_k=getattr(cfg, "aux_k", "d_in/2"),
+        aux_outside_interactions=bool(getattr(cfg, "aux_outside_interactions", False)),
     )
 
 
