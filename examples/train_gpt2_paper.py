@@ -20,7 +20,8 @@ The equivalent command line::
     polysae-lens train --architecture poly --model_name gpt2 \\
         --hook_name blocks.8.hook_resid_post --d_in 768 --d_sae 16384 -k 64 \\
         --poly_ranks 768 64 64 --init_preset authors --c1_lr_scale 1.0 --u_lr_scale 1.0 \\
-        --gauge_lr_scale 0 --aux_dead_window 0 ...
+        --gauge_lr_scale 0 --aux_dead_window 0 --aux_k d_in/2 \\
+        --aux_outside_interactions False ...
 
 :func:`build_config` returns the configuration; keyword overrides replace any
 field of the runner config, of the SAE config or of the logging config, so the
@@ -64,7 +65,10 @@ PAPER_SAE: dict[str, Any] = {
     "c1_lr_scale": 1.0,
     "u_lr_scale": 1.0,
     "gauge_lr_scale": 0.0,  # the paper's update: no gauge step
-    "aux_dead_window": 0,  # SAELens's AuxK (the package's own window is off)
+    # SAELens's AuxK: no dead window of the SAE's own, k_aux = d_in // 2, all of d_in
+    "aux_dead_window": 0,
+    "aux_k": "d_in/2",
+    "aux_outside_interactions": False,
 }
 """The SAE fields of the paper's GPT-2 small run."""
 

@@ -77,6 +77,10 @@ BAD_CONFIGS: list[tuple[dict[str, Any], str]] = [
     ({"c1_lr_scale": 0.0}, "c1_lr_scale=0.0 must be a positive finite number, or None for d_sae"),
     ({"u_lr_scale": -0.5}, "u_lr_scale=-0.5 must be a positive finite number, or None for sqrt"),
     ({"u_lr_scale": math.inf}, "u_lr_scale=inf must be a positive"),
+    ({"aux_k": 0}, "aux_k=0 is not allowed: use one of ['k', 'd_in/2'] or a positive integer"),
+    ({"aux_k": "half"}, "aux_k='half' is not allowed"),
+    ({"aux_k": True}, "aux_k=True is not allowed"),
+    ({"aux_outside_interactions": 1}, "aux_outside_interactions=1 must be True or False"),
     (
         {"init_preset": "paper"},
         "init_preset='paper' is not allowed: use one of ['package', 'authors']",

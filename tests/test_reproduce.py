@@ -362,6 +362,8 @@ def test_recipes_differ_only_in_the_polysae_init_and_c1_lr(sparsifier: str) -> N
     assert (package.aux_dead_window, paper.aux_dead_window) == (100, 0)
     assert (package.u_lr_scale, paper.u_lr_scale) == (None, 1.0)
     assert (package.gauge_lr_scale, paper.gauge_lr_scale) == (1.0, 0.0)
+    assert (package.aux_k, paper.aux_k) == ("k", "d_in/2")
+    assert (package.aux_outside_interactions, paper.aux_outside_interactions) == (True, False)
 
 
 def test_parameter_counts_match_built_saes() -> None:

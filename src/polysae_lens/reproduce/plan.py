@@ -66,7 +66,8 @@ class ReproducePlan:
     paper_settings: bool = False
     """True: the authors' recipe (``config.PAPER_TRAINING_SETTINGS``:
     ``init_preset="authors"``, ``c1_lr_scale=1.0``, ``u_lr_scale=1.0``,
-    ``gauge_lr_scale=0``, ``aux_dead_window=0``);
+    ``gauge_lr_scale=0``, and SAELens's AuxK: ``aux_dead_window=0``,
+    ``aux_k="d_in/2"``, ``aux_outside_interactions=False``);
     False: the package's PolySAE training defaults. Everything else is the
     paper's in both (lr, batch, no rescaling, AuxK coefficient 1)."""
     training_tokens: int | None = None
