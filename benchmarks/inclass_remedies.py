@@ -16,7 +16,8 @@ norm held at its initial value after every step: lambda2 carries the term's scal
 retraction leaves ``U @ C1`` unchanged), ``+release=T`` (after step T, the latents whose
 first-order decoder rows have more than half their energy in the row space of the model's
 C2 are handed to AuxK: encoder columns x 0.1, counted as silent for ``aux_dead_window``
-steps).
+steps), ``+topkaux=N`` (SAELens's TopK with AuxK's k_aux = N instead of d_in // 2: for ``topk``,
+whose AuxK is SAELens's own; PolySAE's is the ``aux_k`` field).
 
 Run from the repository root (one thread, ~1 min per 6000-step run)::
 
@@ -199,6 +200,27 @@ def make_release(at_step: int) -> Setup:
     return setup
 
 
+def make_topk_aux_k(k_aux: int) -> Setup:
+    """SAELens's TopK SAE with its AuxK loss taking ``k_aux`` dead latents per row
+    (SAELens fixes d_in // 2); the loss is otherwise SAELens's formula."""
+    from sae_lens.saes.topk_sae import calculate_topk_aux_acts
+
+    def setup(trainer: Any, sae: Any) -> None:
+        def aux_loss(
+            sae_in: torch.Tensor, sae_out: torch.Tensor, hidden_pre: torch.Tensor, dead: Any
+        ) -> torch.Tensor:
+            if dead is None or (num_dead := int(dead.sum())) == 0:
+                return sae_out.new_tensor(0.0)
+            acts = calculate_topk_aux_acts(min(k_aux, num_dead), hidden_pre, dead)
+            error = acts @ sae.W_dec - (sae_in - sae_out).detach()
+            scale = min(num_dead / k_aux, 1.0)
+            return sae.cfg.aux_loss_coefficient * scale * error.pow(2).sum(-1).mean()
+
+        sae.calculate_topk_aux_loss = aux_loss
+
+    return setup
+
+
 def make_dead_window(window: int) -> Setup:
     """The trainer's ``dead_feature_window`` (steps without firing before AuxK
     treats a latent as dead)."""
@@ -288,6 +310,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     kw[field] = config_value(text)
                 if k_ == "compret":
                     setups.append(compensated_retraction)
+                if k_ == "topkaux":
+                    setups.append(make_topk_aux_k(int(val)))
                 if k_ == "release":
                     setups.append(make_release(int(val)))
                 if k_ == "c2norm":
