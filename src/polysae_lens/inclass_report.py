@@ -243,7 +243,8 @@ def markdown_section(results: dict[str, Any], sparse_rows: list[Row]) -> str:
         f"{cfg['steps']} steps) on the same stream; seeds {list(seeds)} each draw their "
         f"own true decoder, stream and initialisation; metrics on {cfg['eval_samples']:,} "
         "held-out rows. `PolySAE, previous defaults` is the package before issue 13's "
-        "fourth pass (no gauge step, U's step unscaled: `gauge_lr_scale=0, u_lr_scale=1`). "
+        "fourth pass (no gauge step, U's step unscaled, SAELens's AuxK k and comparison: "
+        f"`{_previous_defaults()}`). "
         "The oracle is PolySAE started at the true "
         "decoder with its encoder tied to it, then trained exactly like the others.",
         "",
@@ -289,6 +290,13 @@ def markdown_section(results: dict[str, Any], sparse_rows: list[Row]) -> str:
         + ".",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _previous_defaults() -> str:
+    """The previous defaults' fields as ``name=value`` pairs."""
+    from polysae_lens.config import PREVIOUS_TRAINING_DEFAULTS
+
+    return ", ".join(f"{k}={v!r}" for k, v in PREVIOUS_TRAINING_DEFAULTS.items())
 
 
 def _runtime(results: dict[str, Any]) -> dict[str, float]:

@@ -9,8 +9,9 @@ rate, batch and steps, SAELens's stock ``SAETrainer`` trains:
 - ``poly_order1``: the order-1 ablation (same ``U @ C1`` parametrisation, no
   interaction term);
 - ``poly_previous``: ``poly`` with the package's defaults before issue 13's
-  fourth pass (no gauge step, U's step unscaled: ``gauge_lr_scale=0``,
-  ``u_lr_scale=1``), an extra contender, labelled as such;
+  fourth pass (:data:`polysae_lens.config.PREVIOUS_TRAINING_DEFAULTS`: no gauge
+  step, U's step unscaled, SAELens's AuxK k and comparison), an extra
+  contender, labelled as such;
 - ``oracle``: ``poly`` started at the true decoder (encoder tied to it), trained
   the same way (:func:`polysae_lens.inclass.oracle_sae`): what training reaches
   when it does not have to *find* the structure.
