@@ -207,8 +207,12 @@ def make_topk_aux_k(k_aux: int) -> Setup:
 
     def setup(trainer: Any, sae: Any) -> None:
         def aux_loss(
-            sae_in: torch.Tensor, sae_out: torch.Tensor, hidden_pre: torch.Tensor, dead: Any
+            sae_in: torch.Tensor,
+            sae_out: torch.Tensor,
+            hidden_pre: torch.Tensor,
+            dead_neuron_mask: Any,
         ) -> torch.Tensor:
+            dead = dead_neuron_mask  # (SAELens passes the arguments by name)
             if dead is None or (num_dead := int(dead.sum())) == 0:
                 return sae_out.new_tensor(0.0)
             acts = calculate_topk_aux_acts(min(k_aux, num_dead), hidden_pre, dead)
