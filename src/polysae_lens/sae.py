@@ -504,8 +504,10 @@ class PolyTrainingMixin(PolyDecoderMixin):
         hidden_pre: Tensor,
         dead_neuron_mask: Tensor | None,
     ) -> Tensor:
-        """AuxK loss (paper Sec. 5.1: coefficient 1, k_aux = d_in / 2) through the
-        polynomial decoder: the top dead latents reconstruct the residual."""
+        """AuxK loss through the polynomial decoder: the top dead latents
+        reconstruct the residual, with the config's ``aux_k`` and
+        ``aux_outside_interactions`` (:mod:`polysae_lens.auxk`; the paper's Sec. 5.1
+        is coefficient 1, k_aux = d_in / 2, all of d_in)."""
         if dead_neuron_mask is None:
             return sae_out.new_tensor(0.0)
         loss = auxk_loss(
