@@ -12,14 +12,9 @@ import torch
 from polysae_lens import PolyMatryoshkaTrainingSAE, PolyMatryoshkaTrainingSAEConfig
 from polysae_lens.auxk import outside_interactions, resolve_aux_k
 
+from .compare import least_squares_residual
+
 D_IN, D_SAE, K, RANKS = 8, 24, 2, (6, 2, 3)
-
-
-def _least_squares_residual(d_BD: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
-    """What is left of each row of ``d_BD`` after its least-squares fit by ``rows``."""
-    basis = torch.cat(rows).double()  # [S, D]
-    coef = torch.linalg.lstsq(basis.T, d_BD.double().T).solution.T
-    return d_BD.double() - coef @ basis
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -33,7 +28,7 @@ def test_outside_interactions_removes_the_row_space(dtype: torch.dtype, n_terms:
     got = outside_interactions(d, tuple(rows))
     assert got.dtype == dtype
     tol = 1e-10 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(got.double(), _least_squares_residual(d, rows), atol=tol, rtol=0)
+    torch.testing.assert_close(got.double(), least_squares_residual(d, rows), atol=tol, rtol=0)
     assert got[1].abs().max() < tol * 10 and torch.equal(got[0], torch.zeros(D_IN, dtype=dtype))
     assert (got - d).abs().max() > 0.1  # something was removed
 
@@ -106,7 +101,7 @@ def _plain_matryoshka_auxk(
                 z = torch.zeros_like(masked).scatter(-1, top.indices, top.values)
                 error = poly(z, sae.U[start:width]) - (x - level_out)
                 if outside:
-                    error = _least_squares_residual(error, [sae.C2, sae.C3])
+                    error = least_squares_residual(error, [sae.C2, sae.C3])
                 total += min(n_dead / k_aux, 1.0) * float((error**2).sum(-1).mean())
             start = width
     return sae.cfg.aux_loss_coefficient * total

@@ -21,6 +21,8 @@ from polysae_lens import (
 )
 from polysae_lens.dead_latents import count_step_, dead_mask, fired_latents
 
+from .compare import least_squares_residual
+
 D_IN, D_SAE, K, RANKS = 6, 20, 2, (5, 2, 2)
 VARIANTS = {
     "poly": (PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig),
@@ -99,9 +101,7 @@ def plain_auxk(
         recon = a @ sae.C1 + sae.lambda2 * (a[:, : RANKS[1]] ** 2) @ sae.C2
         error = (recon - (x - out)).double()
         if outside_C2:
-            C2 = sae.C2.double()  # [R2, D]: error ~ coef @ C2 by least squares
-            coef = torch.linalg.lstsq(C2.T, error.T).solution.T
-            error = error - coef @ C2
+            error = least_squares_residual(error, [sae.C2])
         scale = min(int(dead_F.sum()) / k_aux, 1.0)
         loss = scale * (error**2).sum(-1).mean()
     return float(sae.cfg.aux_loss_coefficient * loss)

@@ -105,11 +105,18 @@ def auxk_loss(
     if num_dead == 0:
         return residual_BD.new_tensor(0.0)
     require_aux_compatible_normalisation(normalize_activations)
-    k_aux = settings.k_aux
-    scale = min(num_dead / k_aux, 1.0)
-    recons_BD = decode_top_dead(min(k_aux, num_dead))
+    recons_BD = decode_top_dead(min(settings.k_aux, num_dead))
+    return scaled_aux_error(recons_BD, residual_BD, num_dead, settings)
+
+
+def scaled_aux_error(
+    recons_BD: Tensor, residual_BD: Tensor, num_dead: int, settings: AuxSettings
+) -> Tensor:
+    """AuxK's error for a reconstruction of the dead latents: the squared
+    distance to ``residual_BD`` outside ``settings.interaction_SD`` (sum over
+    d_in, mean over rows), times ``min(num_dead / k_aux, 1)``."""
     error_BD = outside_interactions(recons_BD - residual_BD, settings.interaction_SD)
-    return scale * error_BD.pow(2).sum(dim=-1).mean()
+    return min(num_dead / settings.k_aux, 1.0) * error_BD.pow(2).sum(dim=-1).mean()
 
 
 def decode_top_dead_dense(

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from polysae_lens.auxk import aux_settings, outside_interactions
+from polysae_lens.auxk import aux_settings, scaled_aux_error
 from polysae_lens.polynomial import PolyDecoderWeights, terms_from_projection
 from polysae_lens.sparse import SparseCode, code_from_positions, gather_preacts, project_sparse
 from polysae_lens.stiefel import (
@@ -275,8 +275,7 @@ def sharded_auxk_loss(
     a_BR = sharded_project(code.with_vals(pre_N), shard.U, group)
     recons_BD = terms_from_projection(a_BR, shard.decoder_weights).total()
     residual_BD = (x_BD - forward.sae_out_BD).detach()
-    error_BD = outside_interactions(recons_BD - residual_BD, settings.interaction_SD)
-    return min(num_dead / k_aux, 1.0) * error_BD.pow(2).sum(dim=-1).mean()
+    return scaled_aux_error(recons_BD, residual_BD, num_dead, settings)
 
 
 # ---- retraction --------------------------------------------------------------
