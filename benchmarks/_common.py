@@ -3,14 +3,18 @@ scripts' own folder is on ``sys.path`` when they run or are imported by tests)."
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from sae_lens import SAETrainer
+from sae_lens.config import SAETrainerConfig
 from torch import Tensor
 
 
@@ -131,3 +135,67 @@ def sparsify_fns(
             model(batch)
 
     return {"train/sparsify": step, "infer/sparsify": infer}
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    d_in: int
+    d_sae: int
+    k: int
+    batch: int
+    ranks: tuple[int, int, int]
+
+
+SHAPES = {
+    "gpt2": Shape("gpt2", 768, 16384, 64, 4096, (768, 64, 64)),
+    "small": Shape("small", 128, 2048, 32, 1024, (128, 64, 64)),
+    "tiny": Shape("tiny", 32, 256, 8, 128, (32, 8, 8)),
+}
+
+
+def make_trainer(
+    sae: Any, shape: Shape, autocast: bool, device: str = "cpu"
+) -> SAETrainer[Any, Any]:
+    cfg = SAETrainerConfig(
+        total_training_samples=10**12,
+        train_batch_size_samples=shape.batch,
+        lr=3e-4,
+        lr_end=3e-4,
+        autocast=autocast,
+        device=device,
+    )
+    return SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
+
+
+def _wall_seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_times(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    timer: Callable[[Callable[[], Any]], float] | None = None,
+    warmup: int = 1,
+) -> dict[str, float]:
+    """Median seconds per call, calling the contenders round-robin (``timer(fn)``
+    times one call; default the wall clock; ``warmup`` untimed calls each first).
+
+    Each round starts one place further along the list, so every contender
+    follows every other equally often: a call right after one that evicts the
+    caches (a large TopK step) runs slower, and a fixed order charged that to
+    whichever contender came next (at the small shape, 2-3 ms of a 17-20 ms step).
+    """
+    timer = timer or _wall_seconds
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(timer(fns[name]))
+    return {name: statistics.median(values) for name, values in samples.items()}

@@ -68,6 +68,22 @@ def test_fired_latents_of_dense_and_sparse_codes() -> None:
     assert fired_latents(torch.zeros(3, 4)).tolist() == [False] * 4
 
 
+def test_fired_latents_of_an_uncoalesced_code_sums_repeated_entries() -> None:
+    # (0, 1) is stored twice: 1 - 3 = -2 is not a firing; (1, 1) = 3 is one; (1, 2) and
+    # (0, 3) repeat with a positive sum: fired; a latent seen only with zeros is not
+    coo = torch.sparse_coo_tensor(
+        torch.tensor([[0, 0, 1, 1, 1, 0, 0, 1], [1, 1, 1, 2, 2, 3, 3, 0]]),
+        torch.tensor([1.0, -3.0, 3.0, -1.0, 2.0, 0.5, 0.5, 0.0]),
+        (2, 4),
+    )
+    assert not coo.is_coalesced()
+    dense = coo.to_dense()
+    expected = (dense > 0).any(0).tolist()
+    assert expected == [False, True, True, True]
+    assert fired_latents(coo).tolist() == expected
+    assert fired_latents(coo.coalesce()).tolist() == expected
+
+
 def test_count_step_restarts_the_fired_and_ages_the_rest() -> None:
     since = torch.tensor([0, 7, 2, 9], dtype=torch.int32)
     count_step_(since, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))

@@ -194,6 +194,32 @@ def test_training_step_rejects_non_finite_input() -> None:
         sae.training_forward_pass(step)
 
 
+@pytest.mark.parametrize(
+    "values, bad",
+    [
+        ([1.0, 2.0, -3.0], False),
+        ([3e38, 3e38, 1.0], False),  # finite, though the sum overflows to inf
+        ([3e38, 3e38, -3e38, -3e38], False),
+        ([float("inf"), float("-inf"), 1.0], True),  # the sum is NaN
+        ([float("-inf"), 0.0], True),
+        ([float("nan"), 1.0], True),
+        ([0.0, 0.0], False),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_check_finite_input_against_isfinite(
+    values: list[float], bad: bool, dtype: torch.dtype
+) -> None:
+    x = torch.tensor(values).to(dtype)  # 3e38 is inf in float16: bad there
+    expected_bad = not bool(torch.isfinite(x).all())
+    assert expected_bad == (bad or (dtype == torch.float16 and 3e38 in values))
+    if expected_bad:
+        with pytest.raises(preflight.NonFiniteInputError):
+            preflight.check_finite_input(x)
+    else:
+        preflight.check_finite_input(x)
+
+
 # ---- fail fast: output paths and wandb, before any model is loaded ----------------
 
 

@@ -6,12 +6,14 @@ Asserted by what was *not* imported (in fresh interpreters), not by timing.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -127,6 +129,46 @@ def test_import_is_lazy_and_registers_when_sae_lens_loads() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "OK"
+
+
+def test_any_module_sae_py_imports_can_be_imported_first() -> None:
+    # each of these is imported by sae.py, which the registration imports as soon
+    # as SAELens has loaded: when one of them is what loads SAELens, sae.py must
+    # wait for it to finish (it failed with a circular ImportError for config,
+    # dead_latents, auxk and init)
+    tree = ast.parse(Path(polysae_lens.__file__).with_name("sae.py").read_text())
+    modules = sorted(
+        {
+            node.module
+            for node in tree.body
+            if isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("polysae_lens.")
+        }
+    )
+    assert {"polysae_lens.config", "polysae_lens.dead_latents"} <= set(modules)
+    code = (
+        "import importlib, sys\n"
+        "importlib.import_module(sys.argv[1])\n"
+        "import sae_lens\n"
+        "from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY\n"
+        "import polysae_lens\n"
+        "assert set(polysae_lens.ARCHITECTURES) <= set(SAE_TRAINING_CLASS_REGISTRY)\n"
+        "print('OK')\n"
+    )
+    runs = {
+        module: subprocess.Popen(
+            [sys.executable, "-c", code, module],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for module in modules
+    }
+    for module, run in runs.items():
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0 and out.strip() == "OK", f"import {module} first: {err}"
 
 
 def test_unknown_attribute_is_an_attribute_error() -> None:

@@ -162,21 +162,46 @@ def __dir__() -> list[str]:
 
 
 class _RegisterAfterSAELens(importlib.abc.MetaPathFinder):
-    """Imports :mod:`polysae_lens.sae` (which registers the architectures) right
-    after ``sae_lens`` finishes importing; removes itself on first use."""
+    """Imports :mod:`polysae_lens.sae` (which registers the architectures) once
+    ``sae_lens`` has finished importing and no module of this package is part-way
+    through its own import; removes itself then.
+
+    The second condition matters when a submodule that ``sae.py`` imports is what
+    loads SAELens (``import polysae_lens.config`` in a fresh interpreter):
+    importing ``sae.py`` from inside it would find it half-initialised. So until
+    the registration, this also wraps the loaders of the package's submodules,
+    counting those whose code is running, and registers when the count is 0.
+    """
+
+    def __init__(self) -> None:
+        self._finding = False
+        self._running = 0  # package submodules whose code is running
+        self._sae_lens_loaded = False
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != "sae_lens":
+        own = fullname.startswith(f"{__name__}.")
+        if self._finding or not (own or fullname == "sae_lens"):
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        self._finding = True  # the real spec, from the finders after this one
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding = False
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module: ModuleType) -> None:
-            exec_module(module)
-            importlib.import_module("polysae_lens.sae")
+            self._running += own
+            try:
+                exec_module(module)
+            finally:
+                self._running -= own
+            self._sae_lens_loaded |= not own
+            if self._sae_lens_loaded and not self._running:
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
+                importlib.import_module("polysae_lens.sae")
 
         spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
         return spec

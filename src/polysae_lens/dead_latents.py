@@ -56,10 +56,13 @@ def with_dead_mask(
 def fired_latents(feature_acts_BF: Tensor) -> Tensor:
     """[F] bool: which latents are positive in at least one row (dense or 2-D COO)."""
     if feature_acts_BF.is_sparse:
-        acts = feature_acts_BF.coalesce()
-        cols = acts.indices()[-1][acts.values() > 0]
-        fired = torch.zeros(acts.shape[-1], dtype=torch.bool, device=acts.device)
-        return fired.index_fill_(0, cols, True)
+        # a count of positive entries per latent, without boolean indexing (a
+        # host sync); coalesced first only if it is not (repeated entries sum)
+        acts = feature_acts_BF.detach()
+        acts = acts if acts.is_coalesced() else acts.coalesce()
+        positive_N = (acts._values() > 0).to(torch.int32)
+        fired_F = torch.zeros(acts.shape[-1], dtype=torch.int32, device=acts.device)
+        return fired_F.index_add_(0, acts._indices()[-1], positive_N) > 0
     return (feature_acts_BF.detach() > 0).reshape(-1, feature_acts_BF.shape[-1]).any(0)
 
 

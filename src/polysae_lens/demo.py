@@ -36,7 +36,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "synthetic activations with known ground truth: sparse planted pair interactions "
         "(one seed), and data drawn from a random PolySAE decoder, with PolySAE's previous "
         "defaults and an oracle PolySAE started at the true decoder (3 seeds, judged against "
-        "seed-to-seed noise). Measured on 2 CPU cores (load average 0.6-1.0): 6.1 minutes "
+        "seed-to-seed noise). Measured on 2 CPU cores (load average 0.2-1.0): 6.5 minutes "
         "(--quick: about 20 seconds)."
     )
     parser.add_argument("--out", default="polysae-demo", help="output directory (created)")

@@ -466,48 +466,69 @@ class GaugeTurn(NamedTuple):
 
 
 class _CayleyFactors(NamedTuple):
-    """``Q = I - X K Y^T`` (:func:`turn_along_gauge`'s notation) in the turn's
-    dtype, and ``Q^T C1``."""
+    """The pieces of ``Q`` (:func:`turn_along_gauge`'s notation) in the turn's dtype."""
 
     step_rR: Tensor
-    K_2r2r: Tensor
-    C1_RD: Tensor
+    schur_inv_rr: Tensor
+    """``P^-1``, with ``P = I + A/2 + B B^T / 4`` the Schur complement of
+    ``I + S/2`` (A = ``step[:, :r]``, B = ``step[:, r:]``)."""
 
 
-def _cayley_factors(C1_RD: Tensor, step_rR: Tensor, dtype: torch.dtype) -> _CayleyFactors:
+def _cayley_factors(step_rR: Tensor, dtype: torch.dtype) -> _CayleyFactors:
     r = step_rR.shape[0]
     step_rR = step_rR.to(dtype)
     A_rr, B_rQ = step_rR[:, :r], step_rR[:, r:]
     eye_rr = torch.eye(r, dtype=step_rR.dtype, device=step_rR.device)
-    # K = (I + Y^T X / 2)^-1 with Y^T X = [[A, -B B^T], [I, 0]], by blocks: only
-    # the Schur complement I + A/2 + B B^T / 4 (r x r) is inverted. (Small LAPACK
-    # inverses are slow on the CPU: 0.65 ms at 2r = 128, a third of the gauge
-    # step's cost at the small benchmark shape.) It is invertible: its symmetric
-    # part I + B B^T / 4 is positive definite. inv_ex skips inv's error check, a
-    # device-to-host sync on a GPU.
-    half_BBt_rr = B_rQ @ B_rQ.T / 2
-    inv_rr = torch.linalg.inv_ex(eye_rr + A_rr / 2 + half_BBt_rr / 2)[0]
-    inv_BBt_rr = inv_rr @ half_BBt_rr
-    K = torch.cat(
-        [torch.cat([inv_rr, inv_BBt_rr], 1), torch.cat([-inv_rr / 2, eye_rr - inv_BBt_rr / 2], 1)]
+    # Only the r x r Schur complement is inverted, not a 2r x 2r or R1 x R1
+    # matrix (small LAPACK inverses are slow on the CPU: 0.65 ms at 128 x 128).
+    # P is invertible: its symmetric part I + B B^T / 4 is positive definite.
+    # inv_ex skips inv's error check, a device-to-host sync on a GPU.
+    inv_rr = torch.linalg.inv_ex(eye_rr + A_rr / 2 + (B_rQ @ B_rQ.T) / 4)[0]
+    return _CayleyFactors(step_rR, inv_rr)
+
+
+def _woodbury_K(f: _CayleyFactors) -> Tensor:
+    """``K = (I + Y^T X / 2)^-1`` [2r, 2r], with ``Y^T X = [[A, -B B^T], [I, 0]]``,
+    from P^-1 by blocks."""
+    r = f.step_rR.shape[0]
+    B_rQ = f.step_rR[:, r:]
+    eye_rr = torch.eye(r, dtype=B_rQ.dtype, device=B_rQ.device)
+    inv_BBt_rr = f.schur_inv_rr @ (B_rQ @ B_rQ.T) / 2
+    return torch.cat(
+        [
+            torch.cat([f.schur_inv_rr, inv_BBt_rr], 1),
+            torch.cat([-f.schur_inv_rr / 2, eye_rr - inv_BBt_rr / 2], 1),
+        ]
     )
-    C1 = C1_RD.to(dtype)
-    XtC1 = torch.cat([C1[:r], -(B_rQ @ C1[r:])])
-    T_2rD = K.T @ XtC1  # Q^T C1 = C1 - Y K^T X^T C1
-    new_C1 = C1 - step_rR.T @ T_2rD[:r]
+
+
+def _woodbury_turned_C1(C1_RD: Tensor, f: _CayleyFactors, K_2r2r: Tensor) -> Tensor:
+    """``Q^T C1 = C1 - Y K^T X^T C1`` in the turn's dtype."""
+    r = f.step_rR.shape[0]
+    C1 = C1_RD.to(K_2r2r.dtype)
+    XtC1 = torch.cat([C1[:r], -(f.step_rR[:, r:] @ C1[r:])])
+    T_2rD = K_2r2r.T @ XtC1
+    new_C1 = C1 - f.step_rR.T @ T_2rD[:r]
     new_C1[:r] -= T_2rD[r:]
-    return _CayleyFactors(step_rR, K, new_C1)
+    return new_C1
 
 
 def _rotation(f: _CayleyFactors, rank: int) -> Tensor:
-    """``Q`` itself, [R1, R1]."""
+    """``Q`` itself, [R1, R1], by blocks: ``Q = 2 (I + S/2)^-1 - I``, so
+    ``Q = [[2 P^-1 - I, -P^-1 B], [B^T P^-1, I - B^T P^-1 B / 2]]``: two
+    products of r x (R1 - r) blocks (a tenth of the multiply-adds of forming
+    it through the Woodbury factors, at r = R1 / 2)."""
     r = f.step_rR.shape[0]
-    eye = torch.eye(rank, dtype=f.K_2r2r.dtype, device=f.K_2r2r.device)
-    X_R2r = torch.zeros(rank, 2 * r, dtype=eye.dtype, device=eye.device)
-    X_R2r[:r, :r] = eye[:r, :r]
-    X_R2r[r:, r:] = -f.step_rR[:, r:].T
-    Y_R2r = torch.cat([f.step_rR.T, eye[:, :r]], 1)
-    return eye - (X_R2r @ f.K_2r2r) @ Y_R2r.T
+    B_rQ = f.step_rR[:, r:]
+    inv_B_rQ = f.schur_inv_rr @ B_rQ
+    Q_RR = torch.empty(rank, rank, dtype=B_rQ.dtype, device=B_rQ.device)
+    Q_RR[:r, :r] = 2 * f.schur_inv_rr
+    Q_RR[:r, :r].diagonal().sub_(1)
+    Q_RR[:r, r:] = -inv_B_rQ
+    Q_RR[r:, :r] = B_rQ.T @ f.schur_inv_rr
+    Q_RR[r:, r:] = B_rQ.T @ inv_B_rQ / -2
+    Q_RR[r:, r:].diagonal().add_(1)
+    return Q_RR
 
 
 def _dense_turn_is_cheaper(rank: int, r: int) -> bool:
@@ -517,25 +538,35 @@ def _dense_turn_is_cheaper(rank: int, r: int) -> bool:
     return rank * rank <= 2 * rank * r + 3 * r * r
 
 
-def _low_rank_update(U_FR: Tensor, f: _CayleyFactors) -> Tensor:
+def _low_rank_update(U_FR: Tensor, f: _CayleyFactors, K_2r2r: Tensor) -> Tensor:
     """``W = U X K`` [d_sae, 2r]: ``U Q = U - W[:, :r] @ step`` with ``W[:, r:]``
     taken off U's first r columns."""
     r = f.step_rR.shape[0]
-    U = U_FR.to(f.K_2r2r.dtype)
+    U = U_FR.to(K_2r2r.dtype)
     UX_F2r = torch.cat([U[:, :r], -(U[:, r:] @ f.step_rR[:, r:].T)], 1)
-    return UX_F2r @ f.K_2r2r
+    return UX_F2r @ K_2r2r
 
 
-def _turned_U(U_FR: Tensor, f: _CayleyFactors) -> Tensor:
-    """``U Q`` as a new tensor in the turn's dtype."""
-    r, rank = f.step_rR.shape
-    U = U_FR.to(f.K_2r2r.dtype)
+def _turn(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor, in_place: bool) -> GaugeTurn:
+    """``U Q`` and ``Q^T C1`` in the turn's dtype. With ``in_place`` and U in that
+    dtype, the low-rank update is added to U itself (no [d_sae, R1] temporaries,
+    which at GPT-2 scale cost more than the products) and the returned U is U."""
+    f = _cayley_factors(step_rR, _at_least_float32(U_FR.dtype))
+    r, rank = step_rR.shape
+    dtype = f.step_rR.dtype
     if _dense_turn_is_cheaper(rank, r):
-        return U @ _rotation(f, rank)
-    W_F2r = _low_rank_update(U, f)
-    new_U = U - W_F2r[:, :r] @ f.step_rR
+        Q_RR = _rotation(f, rank)
+        return GaugeTurn(U_FR.to(dtype) @ Q_RR, Q_RR.T @ C1_RD.to(dtype))
+    K_2r2r = _woodbury_K(f)
+    new_C1 = _woodbury_turned_C1(C1_RD, f, K_2r2r)
+    W_F2r = _low_rank_update(U_FR, f, K_2r2r)
+    if in_place and U_FR.dtype == dtype:
+        new_U = U_FR
+        new_U.addmm_(W_F2r[:, :r], f.step_rR, alpha=-1)
+    else:
+        new_U = U_FR.to(dtype) - W_F2r[:, :r] @ f.step_rR
     new_U[:, :r] -= W_F2r[:, r:]
-    return new_U
+    return GaugeTurn(new_U, new_C1)
 
 
 def turn_along_gauge(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> GaugeTurn:
@@ -551,25 +582,19 @@ def turn_along_gauge(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> GaugeTurn:
     ``2 d_sae r R1`` multiply-adds instead of ``d_sae R1^2``; where r is a large
     share of R1 the dense product ``U @ Q`` is cheaper and is used instead.
     """
-    f = _cayley_factors(C1_RD, step_rR, _at_least_float32(U_FR.dtype))
-    return GaugeTurn(_turned_U(U_FR, f).to(U_FR.dtype), f.C1_RD.to(C1_RD.dtype))
+    turned = _turn(U_FR, C1_RD, step_rR, in_place=False)
+    return GaugeTurn(turned.U_FR.to(U_FR.dtype), turned.C1_RD.to(C1_RD.dtype))
 
 
 @torch.no_grad()
 def turn_along_gauge_(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> None:
     """:func:`turn_along_gauge` in place: for float32/float64 U the low-rank
-    update is added to U directly (no [d_sae, R1] temporaries, which at GPT-2
-    scale cost more than the products); half-precision U, and the dense
-    product, go through one temporary."""
-    f = _cayley_factors(C1_RD, step_rR, _at_least_float32(U_FR.dtype))
-    r, rank = step_rR.shape
-    if U_FR.dtype == f.K_2r2r.dtype and not _dense_turn_is_cheaper(rank, r):
-        W_F2r = _low_rank_update(U_FR, f)
-        U_FR.addmm_(W_F2r[:, :r], f.step_rR, alpha=-1)
-        U_FR[:, :r] -= W_F2r[:, r:]
-    else:
-        U_FR.copy_(_turned_U(U_FR, f))
-    C1_RD.copy_(f.C1_RD)
+    update is added to U directly; half-precision U, and the dense product, go
+    through one temporary."""
+    turned = _turn(U_FR, C1_RD, step_rR, in_place=True)
+    if turned.U_FR is not U_FR:
+        U_FR.copy_(turned.U_FR)
+    C1_RD.copy_(turned.C1_RD)
 
 
 @torch.no_grad()
@@ -586,11 +611,11 @@ def turn_and_retract_(U_FR: Tensor, C1_RD: Tensor, step_rR: Tensor) -> None:
     """
     r, rank = step_rR.shape
     if U_FR.dtype == torch.float32 and U_FR.is_contiguous() and _dense_turn_is_cheaper(rank, r):
-        f = _cayley_factors(C1_RD, step_rR, torch.float32)
-        M_RR = _turned_retraction_factor(U_FR, _rotation(f, rank))
+        Q_RR = _rotation(_cayley_factors(step_rR, torch.float32), rank)
+        M_RR = _turned_retraction_factor(U_FR, Q_RR)
         if M_RR is not None:
             times_(U_FR, M_RR)
-            C1_RD.copy_(f.C1_RD)
+            C1_RD.copy_(Q_RR.T @ C1_RD.float())
             return
     turn_along_gauge_(U_FR, C1_RD, step_rR)
     cholesky_qr_retract_(U_FR)
