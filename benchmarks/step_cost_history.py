@@ -16,7 +16,10 @@ absolute step times move by up to 50% from run to run). Two orders are timed:
 ``mixed`` (the two contenders round-robin, each step after the other's, whose
 larger working set evicts the caches) and ``alone`` (blocks of steps of one
 contender). The cost is the median over run pairs of
-``(poly / topk)_now / (poly / topk)_then - 1``.
+``(poly / topk)_now / (poly / topk)_then - 1``, and beside it the plain
+``poly_now / poly_then - 1`` of the same pairs (processes adjacent in time): TopK's
+own step time varies from process to process too (it is memory-bound), so
+neither is exact, and where they disagree the measurement is noise.
 
     python benchmarks/step_cost_history.py                    # small shape, 6 runs per tree
     python benchmarks/step_cost_history.py --shapes gpt2 --runs 3 --repeats 7
@@ -102,14 +105,16 @@ def run_child(src: Path, shape: str, repeats: int, threads: int | None) -> dict[
 
 
 def relative_cost(
-    now: list[dict[str, float]], then: list[dict[str, float]], order: str
+    now: list[dict[str, float]], then: list[dict[str, float]], order: str, yardstick: bool
 ) -> list[float]:
-    """``(poly / topk)_now / (poly / topk)_then - 1`` for each pair of runs."""
+    """For each pair of runs (adjacent in time), ``poly_now / poly_then - 1``, with
+    each divided by its own process's TopK step first if ``yardstick``."""
     key_poly, key_topk = f"poly_{order}", f"topk_{order}"
-    return [
-        (a[key_poly] / a[key_topk]) / (b[key_poly] / b[key_topk]) - 1
-        for a, b in zip(now, then, strict=True)
-    ]
+
+    def step(run: dict[str, float]) -> float:
+        return run[key_poly] / run[key_topk] if yardstick else run[key_poly]
+
+    return [step(a) / step(b) - 1 for a, b in zip(now, then, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -165,17 +170,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def print_shape(shape: str, commit: str, runs: dict[str, list[dict[str, float]]]) -> None:
     print(f"\nshape {shape}: PolySAE step now against {commit[:7]}, {len(runs['now'])} runs each")
     print(
-        f"{'order':8s} {'poly/topk now':>14s} {'poly/topk then':>15s} {'cost (median, range)':>28s}"
+        f"{'order':6s} {'poly/topk now':>13s} {'then':>6s} "
+        f"{'cost, TopK yardstick (median, range)':>38s} {'cost, plain (median, range)':>30s}"
     )
     for order in ("mixed", "alone"):
         ratios = {
             name: statistics.median(r[f"poly_{order}"] / r[f"topk_{order}"] for r in rs)
             for name, rs in runs.items()
         }
-        costs = relative_cost(runs["now"], runs["then"], order)
+        cells = []
+        for yardstick in (True, False):
+            costs = relative_cost(runs["now"], runs["then"], order, yardstick)
+            cells.append(
+                f"{statistics.median(costs):+.1%} ({min(costs):+.1%} to {max(costs):+.1%})"
+            )
         print(
-            f"{order:8s} {ratios['now']:14.3f} {ratios['then']:15.3f} "
-            f"{statistics.median(costs):+11.1%} ({min(costs):+.1%} to {max(costs):+.1%})"
+            f"{order:6s} {ratios['now']:13.3f} {ratios['then']:6.3f} {cells[0]:>38s} {cells[1]:>30s}"
         )
 
 

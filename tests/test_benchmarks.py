@@ -231,3 +231,31 @@ def test_steps_alone_times_only_the_polysae_training_steps(
     training_step.main(["--quick", "--no-memory", "--contenders", "poly_previous", "--steps-alone"])
     line = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("training steps"))
     assert "poly " in line and "(1.000)" in line and "poly_previous" in line
+
+
+def test_step_cost_history_child_times_both_contenders_in_both_orders() -> None:
+    import step_cost_history
+
+    medians = step_cost_history.child("tiny", repeats=2, threads=None)
+    assert set(medians) == {"poly_mixed", "topk_mixed", "poly_alone", "topk_alone"}
+    assert all(seconds > 0 for seconds in medians.values())
+
+
+def test_step_cost_history_relative_cost_pairs_runs() -> None:
+    import step_cost_history
+
+    now = [{"poly_mixed": 12.0, "topk_mixed": 20.0}, {"poly_mixed": 9.0, "topk_mixed": 10.0}]
+    then = [{"poly_mixed": 10.0, "topk_mixed": 25.0}, {"poly_mixed": 9.0, "topk_mixed": 9.0}]
+    plain = step_cost_history.relative_cost(now, then, "mixed", yardstick=False)
+    assert plain == pytest.approx([0.2, 0.0])
+    # (12 / 20) / (10 / 25) - 1 = 0.5; (9 / 10) / (9 / 9) - 1 = -0.1
+    ratios = step_cost_history.relative_cost(now, then, "mixed", yardstick=True)
+    assert ratios == pytest.approx([0.5, -0.1])
+
+
+def test_step_cost_history_refuses_an_unknown_revision(capsys: pytest.CaptureFixture[str]) -> None:
+    import step_cost_history
+
+    with pytest.raises(SystemExit):
+        step_cost_history.main(["--against", "no-such-revision-here"])
+    assert "--against 'no-such-revision-here' is not a commit" in capsys.readouterr().err
