@@ -463,6 +463,33 @@ def write_json(path: str, report: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def data_overrides(cfg: InClassConfig, items: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` strings as typed overrides of ``cfg``'s fields (the type of
+    each field's current value; tuples comma-separated)."""
+    fields = {f.name for f in dataclasses.fields(cfg)} - {"seed"}
+    overrides: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(
+                f"{item!r} is not FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}"
+            )
+        current = getattr(cfg, name)
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(f"{text!r} is not true or false")
+                value: Any = text.lower() == "true"
+            elif isinstance(current, tuple):
+                value = tuple(type(current[0])(part) for part in text.split(","))
+            else:
+                value = type(current)(text)
+        except ValueError as error:
+            raise ValueError(f"{item!r}: {error}") from None
+        overrides[name] = value
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few steps")
@@ -489,6 +516,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "another width needs --contenders without the oracle",
     )
     parser.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change fields of the data's polysae_lens.inclass.InClassConfig for every suite "
+        "(e.g. num_atoms=128 zipf_exponent=0.5; ranks=64,8,8)",
+    )
+    parser.add_argument(
         "--contenders",
         nargs="+",
         default=None,
@@ -507,6 +542,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return print_merged(args.from_json)
     torch.set_num_threads(args.threads)
     cfg = QUICK_CFG if args.quick else InClassConfig()
+    try:
+        cfg = dataclasses.replace(cfg, **data_overrides(cfg, args.data))
+    except ValueError as error:
+        parser.error(f"--data: {error}")
     k = cfg.k
     if args.width is not None:
         if args.width < k:

@@ -152,3 +152,35 @@ def test_topk_rerun_is_topk_from_another_seed_on_the_same_data(
     direct = bench.train(bench.Contender("topk", "topk"), source, 1000, 80, [20], eval_x, batch=64,
                          k=bench.QUICK_CFG.k)  # fmt: skip
     assert direct.mse == by_name["topk rerun"]["mse"]
+
+
+def test_data_overrides_are_typed_and_refuse_unknown_fields() -> None:
+    cfg = bench.InClassConfig()
+    overrides = bench.data_overrides(
+        cfg, ["num_atoms=128", "zipf_exponent=0.5", "ranks=32,4,4", "code=bernoulli"]
+    )
+    assert overrides == {
+        "num_atoms": 128,
+        "zipf_exponent": 0.5,
+        "ranks": (32, 4, 4),
+        "code": "bernoulli",
+    }
+    assert type(overrides["num_atoms"]) is int and type(overrides["zipf_exponent"]) is float
+    for bad, message in [
+        ("nope=1", "FIELD one of"),
+        ("num_atoms", "FIELD one of"),
+        ("seed=3", "FIELD one of"),  # --seeds sets it
+        ("num_atoms=x", "invalid literal"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            bench.data_overrides(cfg, [bad])
+
+
+def test_data_option_reaches_the_data(capsys: pytest.CaptureFixture[str]) -> None:
+    report = bench.main(
+        ["--quick", "--suite", "linear", "--contenders", "topk", "--data", "num_atoms=40"]
+    )
+    assert "width 40" in capsys.readouterr().out
+    assert [row["name"] for row in report["linear"]] == ["topk"]
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--data", "zipf_exponent=fast"])
