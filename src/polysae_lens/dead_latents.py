@@ -60,9 +60,9 @@ def fired_latents(feature_acts_BF: Tensor) -> Tensor:
         # host sync); coalesced first only if it is not (repeated entries sum)
         acts = feature_acts_BF.detach()
         acts = acts if acts.is_coalesced() else acts.coalesce()
-        positive_N = (acts._values() > 0).to(torch.int32)
+        positive_N = (acts.values() > 0).to(torch.int32)
         fired_F = torch.zeros(acts.shape[-1], dtype=torch.int32, device=acts.device)
-        return fired_F.index_add_(0, acts._indices()[-1], positive_N) > 0
+        return fired_F.index_add_(0, acts.indices()[-1], positive_N) > 0
     return (feature_acts_BF.detach() > 0).reshape(-1, feature_acts_BF.shape[-1]).any(0)
 
 
