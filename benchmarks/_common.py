@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from sae_lens import SAETrainer
+from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
 from torch import Tensor
 
@@ -199,3 +199,27 @@ def median_times(
         for name in names[shift:] + names[:shift]:
             samples[name].append(timer(fns[name]))
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def topk_training_sae(shape: Shape, device: str = "cpu") -> TopKTrainingSAE:
+    """SAELens's TopK SAE as the paper trains it (no decoder-norm rescaling)."""
+    cfg = TopKTrainingSAEConfig(
+        d_in=shape.d_in,
+        d_sae=shape.d_sae,
+        k=shape.k,
+        rescale_acts_by_decoder_norm=False,
+        device=device,
+    )
+    return TopKTrainingSAE(cfg)
+
+
+def poly_topk_training_sae(shape: Shape, **fields: Any) -> Any:
+    """A TopK PolySAE at ``shape``, package defaults but for ``fields`` (only names
+    every version of the package has, so that older trees can be timed too)."""
+    from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig
+
+    return PolyTopKTrainingSAE(
+        PolyTopKTrainingSAEConfig(
+            d_in=shape.d_in, d_sae=shape.d_sae, k=shape.k, poly_ranks=shape.ranks, **fields
+        )
+    )

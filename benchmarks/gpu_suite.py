@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens import SAETrainer
 from sae_lens.saes.sae import TrainStepInput
 
 import polysae_lens
@@ -49,7 +49,7 @@ from polysae_lens.stiefel import cholesky_qr_retract_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import training_step
-from _common import sparsify_fns
+from _common import sparsify_fns, topk_training_sae
 from training_step import Shape
 
 TIMING_SHAPES = {
@@ -242,18 +242,6 @@ def run_checks(device: str) -> list[Check]:
 
 def make_trainer(sae: Any, shape: Shape, device: str, autocast: bool) -> SAETrainer[Any, Any]:
     return training_step.make_trainer(sae, shape, autocast, device=device)
-
-
-def topk_training_sae(shape: Shape, device: str) -> TopKTrainingSAE:
-    """SAELens's TopK SAE as the paper trains it (no decoder-norm rescaling)."""
-    cfg = TopKTrainingSAEConfig(
-        d_in=shape.d_in,
-        d_sae=shape.d_sae,
-        k=shape.k,
-        rescale_acts_by_decoder_norm=False,
-        device=device,
-    )
-    return TopKTrainingSAE(cfg)
 
 
 class Timer:

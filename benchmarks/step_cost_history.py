@@ -52,28 +52,23 @@ def child(shape_name: str, repeats: int, threads: int | None) -> dict[str, float
     """Medians of the TopK and PolySAE steps in this process (the package on
     ``sys.path`` is whichever tree the parent chose)."""
     import torch
-    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
-
-    from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig
 
     sys.path.insert(0, str(HERE))
-    from _common import SHAPES, make_trainer, median_times
+    from _common import (
+        SHAPES,
+        make_trainer,
+        median_times,
+        poly_topk_training_sae,
+        topk_training_sae,
+    )
 
     if threads is not None:
         torch.set_num_threads(threads)
     shape = SHAPES[shape_name]
     torch.manual_seed(0)
-    topk = TopKTrainingSAE(
-        TopKTrainingSAEConfig(
-            d_in=shape.d_in, d_sae=shape.d_sae, k=shape.k, rescale_acts_by_decoder_norm=False
-        )
-    )
+    topk = topk_training_sae(shape)
     torch.manual_seed(0)
-    poly = PolyTopKTrainingSAE(
-        PolyTopKTrainingSAEConfig(
-            d_in=shape.d_in, d_sae=shape.d_sae, k=shape.k, poly_ranks=shape.ranks
-        )
-    )
+    poly = poly_topk_training_sae(shape)
     batch = torch.randn(shape.batch, shape.d_in, generator=torch.Generator().manual_seed(1))
     trainers = {"poly": make_trainer(poly, shape, False), "topk": make_trainer(topk, shape, False)}
     steps: dict[str, Callable[[], Any]] = {

@@ -49,10 +49,9 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from sae_lens import SAETrainer, TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens import SAETrainer, TopKSAE, TopKSAEConfig
 
-from polysae_lens import PolyTopKSAE, PolyTopKSAEConfig, PolyTopKTrainingSAE
-from polysae_lens import PolyTopKTrainingSAEConfig as PolyTrainCfg
+from polysae_lens import PolyTopKSAE, PolyTopKSAEConfig
 from polysae_lens.config import PREVIOUS_TRAINING_DEFAULTS
 from polysae_lens.sparse import select_topk
 from polysae_lens.stiefel import cholesky_qr_retract_
@@ -65,7 +64,9 @@ from _common import (
     contention,
     make_trainer,
     median_times,
+    poly_topk_training_sae,
     sparsify_fns,
+    topk_training_sae,
 )
 
 CONTENDERS = (
@@ -88,29 +89,19 @@ def build(contender: str, shape: Shape, training: bool, autocast: bool = False) 
     contender = contender.removesuffix("_auxk")
     if contender == "topk":
         if training:
-            return TopKTrainingSAE(
-                TopKTrainingSAEConfig(
-                    d_in=shape.d_in,
-                    d_sae=shape.d_sae,
-                    k=shape.k,
-                    rescale_acts_by_decoder_norm=False,
-                )
-            )
+            return topk_training_sae(shape)
         return TopKSAE(TopKSAEConfig(d_in=shape.d_in, d_sae=shape.d_sae, k=shape.k))
-    kwargs: dict[str, Any] = {
-        "d_in": shape.d_in,
-        "d_sae": shape.d_sae,
-        "k": shape.k,
-        "poly_ranks": shape.ranks,
-    }
+    fields: dict[str, Any] = {}
     if training and contender == "poly_every4":
-        kwargs["stiefel_every_n_steps"] = 4
+        fields["stiefel_every_n_steps"] = 4
     if training and contender == "poly_previous":
-        kwargs.update(PREVIOUS_TRAINING_DEFAULTS)
+        fields.update(PREVIOUS_TRAINING_DEFAULTS)
     sae = (
-        PolyTopKTrainingSAE(PolyTrainCfg(**kwargs))
+        poly_topk_training_sae(shape, **fields)
         if training
-        else PolyTopKSAE(PolyTopKSAEConfig(**kwargs))
+        else PolyTopKSAE(
+            PolyTopKSAEConfig(d_in=shape.d_in, d_sae=shape.d_sae, k=shape.k, poly_ranks=shape.ranks)
+        )
     )
     sae.sparse_kernels = contender != "poly_dense"
     return sae
