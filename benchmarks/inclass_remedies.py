@@ -271,11 +271,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--budget", type=int, default=1500)
     ap.add_argument("--mult", type=int, default=1)
     ap.add_argument("--linear", action="store_true")
+    ap.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="latents of every SAE but the oracle (as inclass.py)",
+    )
+    ap.add_argument(
+        "--data", nargs="+", default=[], metavar="FIELD=VALUE", help="data fields (as inclass.py)"
+    )
     args = ap.parse_args(argv)
+    try:
+        data_cfg = dataclasses.replace(
+            InClassConfig(), **bench.data_overrides(InClassConfig(), args.data)
+        )
+    except ValueError as error:
+        ap.error(f"--data: {error}")
     torch.set_num_threads(1)
     out = []
     for seed in args.seeds:
-        truth = build_in_class(dataclasses.replace(InClassConfig(), seed=seed))
+        truth = build_in_class(dataclasses.replace(data_cfg, seed=seed))
         source = bench.DataSource(truth, linear=args.linear)
         eval_x = source.sample(8192, truth.generator(999_999))
         metric = None if args.linear else bench.recovery_metric(truth)
@@ -335,7 +350,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             steps = args.budget * args.mult
             cps = [b for b in (args.budget, 4 * args.budget) if b < steps]
-            res = bench.train(c, source, seed, steps, cps, eval_x, setup=setup, metric=metric)
+            res = bench.train(
+                c, source, seed, steps, cps, eval_x, setup=setup, metric=metric, width=args.width
+            )
             m = res.extra.get("metric", {})
             row = {
                 "variant": name,

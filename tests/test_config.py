@@ -74,7 +74,10 @@ BAD_CONFIGS: list[tuple[dict[str, Any], str]] = [
     ({"k": 0}, "k=0 must be a positive"),
     ({"rescale_acts_by_decoder_norm": True}, "rescale_acts_by_decoder_norm=True"),
     ({"fused_adam": "yes"}, "fused_adam='yes' must be True or False"),
-    ({"c1_lr_scale": 0.0}, "c1_lr_scale=0.0 must be a positive finite number, or None for d_sae"),
+    (
+        {"c1_lr_scale": 0.0},
+        "c1_lr_scale=0.0 must be a positive finite number, or None for sqrt(d_sae / R1)",
+    ),
     ({"u_lr_scale": -0.5}, "u_lr_scale=-0.5 must be a positive finite number, or None for sqrt"),
     ({"u_lr_scale": math.inf}, "u_lr_scale=inf must be a positive"),
     ({"aux_k": 0}, "aux_k=0 is not allowed: use one of ['k', 'd_in/2'] or a positive integer"),

@@ -156,8 +156,8 @@ def test_step_scales_are_per_parameter_adam_learning_rates(
     }
     sae = make_training_sae("poly", **kwargs)
     reference = make_training_sae("poly", **kwargs)
-    expected = {  # defaults: d_sae / R1 and sqrt(R1 / d_sae)
-        "C1": 48 / 12 if c1_scale is None else c1_scale,
+    expected = {  # defaults: sqrt(d_sae / R1) and sqrt(R1 / d_sae)
+        "C1": 2.0 if c1_scale is None else c1_scale,
         "U": 0.5 if u_scale is None else u_scale,
     }
     assert stiefel.c1_step_scale(sae) == expected["C1"]

@@ -199,7 +199,7 @@ class _PolyTrainingDefaults:
         decoder_init_norm: package preset: scale C1 so the mean row norm of U @ C1 is
             this; authors preset: the norm of W_enc's columns (None: 0.1).
         c1_init: "orthogonal" (default; sqrt(2) x orthonormal rows) or "kaiming".
-        c1_lr_scale: factor on C1's optimizer step; default d_sae / R1, 1.0 = paper.
+        c1_lr_scale: factor on C1's optimizer step; default sqrt(d_sae / R1), 1.0 = paper.
         u_lr_scale: factor on U's optimizer step; default sqrt(R1 / d_sae), 1.0 = paper.
         gauge_lr_scale: learning rate of the gauge step turning U's basis (0 = off, paper).
         aux_dead_window: AuxK also takes latents silent for this many steps (0: trainer's only).
@@ -238,9 +238,15 @@ class _PolyTrainingDefaults:
     [R1, d_in] storage). ``init_preset="authors"`` sets it to ``"kaiming"``."""
     c1_lr_scale: float | None = None
     """Factor applied to C1's optimizer step (for Adam, exactly its learning rate
-    relative to the other parameters). ``None`` (default) means d_sae / R1: with
-    U on the Stiefel manifold only C1's R1 x d_in entries can reshape the
-    decoder's spectrum. 1.0 is the paper's single learning rate."""
+    relative to the other parameters). ``None`` (default) means sqrt(d_sae / R1).
+    With U on the Stiefel manifold only C1's R1 x d_in entries can reshape the
+    decoder's spectrum, and ``||U @ C1|| = ||C1||``: C1's entries are about
+    sqrt(d_sae / R1) times a free decoder's, so this factor moves the
+    first-order decoder, relative to its size, as fast as Adam moves a linear
+    SAE's. The earlier default, d_sae / R1, moved it twice as fast again at
+    width 4 R1 and held the MSE ~6% above TopK's on linear data at a constant lr
+    (``docs/inclass-plateau.md``, ninth pass). 1.0 is the paper's single
+    learning rate."""
     u_lr_scale: float | None = None
     """Factor applied to U's optimizer step (for Adam, exactly its learning rate
     relative to the other parameters). ``None`` (default) means sqrt(R1 / d_sae),
@@ -339,7 +345,10 @@ class _PolyTrainingDefaults:
             self.c1_init = "kaiming"
             if self.decoder_init_norm is None:
                 self.decoder_init_norm = AUTHORS_DECODER_INIT_NORM
-        for name, default in (("c1_lr_scale", "d_sae / R1"), ("u_lr_scale", "sqrt(R1 / d_sae)")):
+        for name, default in (
+            ("c1_lr_scale", "sqrt(d_sae / R1)"),
+            ("u_lr_scale", "sqrt(R1 / d_sae)"),
+        ):
             scale = getattr(self, name)
             if scale is not None and (
                 not isinstance(scale, (int, float))

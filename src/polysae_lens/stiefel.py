@@ -366,8 +366,8 @@ def _configured_scale(sae: nn.Module, field: str, default: Callable[[Any], float
 
 def c1_step_scale(sae: nn.Module) -> float:
     """The factor applied to C1's optimizer step: the config's ``c1_lr_scale``,
-    with ``None`` meaning d_sae / R1; 1 for modules without the field."""
-    return _configured_scale(sae, "c1_lr_scale", lambda cfg: cfg.d_sae / cfg.ranks[0])
+    with ``None`` meaning sqrt(d_sae / R1); 1 for modules without the field."""
+    return _configured_scale(sae, "c1_lr_scale", lambda cfg: math.sqrt(cfg.d_sae / cfg.ranks[0]))
 
 
 def u_step_scale(sae: nn.Module) -> float:

@@ -116,7 +116,7 @@ def format_table(results: dict[str, Any], *, title: str | None = None) -> str:
     recipe = (
         f"the authors' recipe (`--paper-settings`: {_settings_text()})"
         if results["recipe"] == "paper"
-        else 'the package\'s PolySAE training defaults (init_preset="package", C1 lr × d_sae/R1)'
+        else 'the package\'s PolySAE training defaults (init_preset="package", C1 lr × sqrt(d_sae/R1))'
     )
     t = results["time"]
     gpu = (
