@@ -29,7 +29,13 @@ pairwise interaction vectors ``v_ij``, averaged over the pairs that co-fire in
 4096 generated rows, weighted by co-firing count (``matched`` = share of atoms
 matched).
 A ``linear`` suite repeats TopK, poly2 and poly1 on linear data (SAELens's
-``FeatureDictionary`` atoms, the same codes, no interactions). ``--width`` gives
+``FeatureDictionary`` atoms, the same codes, no interactions). It cannot resolve
+issue 13's 2% target: with one latent per atom and the in-class firing law, one
+TopK run lands 17-24% (median) from another of the same recipe. ``linear_wide``
+(run by default instead) gives every SAE twice as many latents as atoms and a
+flatter firing law (:data:`LINEAR_WIDE_DATA`): there TopK against a TopK rerun
+differs by about 1% (docs/inclass-plateau.md, ninth pass).
+``--width`` gives
 the SAEs other than the oracle more (or fewer) latents than there are atoms;
 ``--topk-rerun`` adds ``topk rerun``, TopK with another initialisation and batch
 order on the same data (its ratio to ``topk`` is the benchmark's own noise).
@@ -419,6 +425,16 @@ def run_suite(
 
 QUICK_CFG = InClassConfig(d_in=16, num_atoms=48, ranks=(16, 4, 4), k=2, calibration_samples=4096)
 
+LINEAR_WIDE_DATA: dict[str, Any] = {"zipf_exponent": 0.01}
+"""The ``linear_wide`` suite's data (``--data`` still applies on top): SAELens's
+Zipfian probabilities rescaled to the same range, 0.01 to 0.3, but spread evenly in
+log rank, so no few atoms dominate (at 256 atoms the most frequent one takes 2% of
+the firings instead of 7%). With this and twice as many latents as atoms, TopK
+against a TopK rerun differs by about 1% (docs/inclass-plateau.md, ninth pass); with
+the in-class firing law and one latent per atom, by 17-24% (median)."""
+LINEAR_WIDE_WIDTH = 2
+"""``linear_wide``'s latents per atom (``--width`` overrides)."""
+
 
 def _result(row: dict[str, Any]) -> RunResult:
     """A :class:`RunResult` back from its JSON form (budgets became strings)."""
@@ -441,7 +457,12 @@ def print_merged(paths: list[str]) -> dict[str, Any]:
         with open(path) as fh:
             for suite, rows in json.load(fh).items():
                 merged.setdefault(suite, []).extend(rows)
-    titles = {"inclass": "in-class order 2", "order3": "in-class order 3", "linear": "linear data"}
+    titles = {
+        "inclass": "in-class order 2",
+        "order3": "in-class order 3",
+        "linear": "linear data",
+        "linear_wide": "linear data, a flatter firing law",
+    }
     for suite, rows in merged.items():
         results = [_result(row) for row in rows]
         budgets = sorted({b for r in results for b in r.mse})
@@ -496,7 +517,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--budget", type=int, default=None, help="B (steps); 4B also reported")
     parser.add_argument(
-        "--suite", nargs="+", default=["inclass", "linear"], choices=["inclass", "linear", "order3"]
+        "--suite",
+        nargs="+",
+        default=["inclass", "linear_wide"],
+        choices=["inclass", "linear", "linear_wide", "order3"],
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
@@ -541,11 +565,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.from_json:
         return print_merged(args.from_json)
     torch.set_num_threads(args.threads)
-    cfg = QUICK_CFG if args.quick else InClassConfig()
+    base = QUICK_CFG if args.quick else InClassConfig()
     try:
-        cfg = dataclasses.replace(cfg, **data_overrides(cfg, args.data))
+        overrides = data_overrides(base, args.data)
     except ValueError as error:
         parser.error(f"--data: {error}")
+    cfg = dataclasses.replace(base, **overrides)
+    wide_cfg = dataclasses.replace(base, **{**LINEAR_WIDE_DATA, **overrides})
     k = cfg.k
     if args.width is not None:
         if args.width < k:
@@ -586,13 +612,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Contender("poly3", "poly", 3),
         Contender("oracle", "oracle", 3),
     ]
-    # suite: (title, contenders, data config, linear data), run in this order
+    wide_width = args.width or LINEAR_WIDE_WIDTH * wide_cfg.num_atoms
+    # suite: (title, contenders, data config, linear data, width), run in this order
     suites = {
-        "inclass": ("in-class order 2", contenders(), cfg, False),
-        "order3": ("in-class order 3", order3_rows, cfg3, False),
-        "linear": ("linear data", contenders(with_oracle=False), cfg, True),
+        "inclass": ("in-class order 2", contenders(), cfg, False, args.width),
+        "order3": ("in-class order 3", order3_rows, cfg3, False, args.width),
+        "linear": ("linear data", contenders(with_oracle=False), cfg, True, args.width),
+        "linear_wide": (
+            f"linear data, a flatter firing law (Zipf exponent {wide_cfg.zipf_exponent})",
+            contenders(with_oracle=False),
+            wide_cfg,
+            True,
+            wide_width,
+        ),
     }
-    for suite, (title, rows, suite_cfg, linear) in suites.items():
+    for suite, (title, rows, suite_cfg, linear, width) in suites.items():
         if suite not in args.suite:
             continue
         if args.topk_rerun:
@@ -607,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             linear=linear,
             k=k,
             batch=batch,
-            width=args.width,
+            width=width,
             on_result=keep(suite),
         )
     print(

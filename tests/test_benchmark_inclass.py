@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ def test_quick_run_prints_every_contender_and_both_budgets(
         assert row in out
     names = {r["name"] for r in report["inclass"]}
     assert names == {"topk", "poly2", "poly2 previous", "poly2 paper", "poly1", "oracle"}
-    assert {r["name"] for r in report["linear"]} == names - {"oracle"}
+    assert {r["name"] for r in report["linear_wide"]} == names - {"oracle"}
+    assert "width 96" in out  # linear_wide: twice the 48 atoms
     for r in report["inclass"]:
         assert set(r["mse"]) == {20, 80}
         assert all(0 < v < 10 for v in r["mse"].values())
@@ -174,6 +176,32 @@ def test_data_overrides_are_typed_and_refuse_unknown_fields() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             bench.data_overrides(cfg, [bad])
+
+
+def test_linear_wide_is_linear_data_with_a_flatter_firing_law_and_twice_the_latents(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    wide = bench.main(["--quick", "--suite", "linear_wide", "--contenders", "topk"])
+    assert "linear data, a flatter firing law (Zipf exponent 0.01)" in capsys.readouterr().out
+    # the same as TopK of width 96 trained directly on linear data with that firing law
+    truth = build_in_class(dataclasses.replace(bench.QUICK_CFG, zipf_exponent=0.01))
+    weights = truth.firing_weights_N
+    steep = build_in_class(bench.QUICK_CFG).firing_weights_N
+    # the same range of probabilities, but the most frequent atom has a smaller share
+    assert weights.max().item() == pytest.approx(steep.max().item())
+    assert weights.min().item() == pytest.approx(steep.min().item())
+    assert weights.max() / weights.sum() < 0.5 * steep.max() / steep.sum()
+    source = bench.DataSource(truth, linear=True)
+    eval_x = source.sample(512, truth.generator(999_999))
+    direct = bench.train(bench.Contender("topk", "topk"), source, 0, 80, [20], eval_x, batch=64,
+                         k=bench.QUICK_CFG.k, width=96)  # fmt: skip
+    assert direct.mse == wide["linear_wide"][0]["mse"]
+    # --width and --data still apply to it
+    report = bench.main(["--quick", "--suite", "linear_wide", "--contenders", "topk", "--width",
+                         "64", "--data", "zipf_exponent=0.5"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "width 64" in out and "(Zipf exponent 0.5)" in out
+    assert report["linear_wide"][0]["mse"] != direct.mse
 
 
 def test_data_option_reaches_the_data(capsys: pytest.CaptureFixture[str]) -> None:

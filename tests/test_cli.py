@@ -60,6 +60,14 @@ def outputs(tmp_path: Path) -> list[str]:
 # ---- parsing -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("text", "value"), [("d_sae/R1", "d_sae/R1"), ("2.5", 2.5)])
+def test_c1_lr_scale_flag_takes_a_number_or_the_ratio_rule(text: str, value: object) -> None:
+    args = ["--model_name", "gpt2", "--hook_name", "blocks.8.hook_resid_post"]
+    args += ["--dataset_path", "some/dataset"]
+    cfg = cli.parse_train_args(["--architecture", "poly", *TINY_SAE, "--c1_lr_scale", text, *args])
+    assert cfg.sae.c1_lr_scale == value
+
+
 def test_flags_map_to_config_fields() -> None:
     cfg = cli.parse_train_args(
         [

@@ -75,6 +75,11 @@ BAD_CONFIGS: list[tuple[dict[str, Any], str]] = [
     ({"rescale_acts_by_decoder_norm": True}, "rescale_acts_by_decoder_norm=True"),
     ({"fused_adam": "yes"}, "fused_adam='yes' must be True or False"),
     (
+        {"c1_lr_scale": "d_sae/2"},
+        "c1_lr_scale='d_sae/2' must be a positive finite number, or None for sqrt(d_sae / R1) "
+        "(or 'd_sae/R1')",
+    ),
+    (
         {"c1_lr_scale": 0.0},
         "c1_lr_scale=0.0 must be a positive finite number, or None for sqrt(d_sae / R1)",
     ),

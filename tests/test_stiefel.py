@@ -144,9 +144,11 @@ def test_projected_moments_lie_in_the_tangent_space() -> None:
     assert m.abs().max() > 0
 
 
-@pytest.mark.parametrize(("c1_scale", "u_scale"), [(None, None), (1.0, 1.0), (5.0, 0.3)])
+@pytest.mark.parametrize(
+    ("c1_scale", "u_scale"), [(None, None), (1.0, 1.0), (5.0, 0.3), ("d_sae/R1", None)]
+)
 def test_step_scales_are_per_parameter_adam_learning_rates(
-    c1_scale: float | None, u_scale: float | None
+    c1_scale: float | str | None, u_scale: float | None
 ) -> None:
     kwargs = {
         "c1_lr_scale": c1_scale,
@@ -157,7 +159,7 @@ def test_step_scales_are_per_parameter_adam_learning_rates(
     sae = make_training_sae("poly", **kwargs)
     reference = make_training_sae("poly", **kwargs)
     expected = {  # defaults: sqrt(d_sae / R1) and sqrt(R1 / d_sae)
-        "C1": 2.0 if c1_scale is None else c1_scale,
+        "C1": {None: 2.0, "d_sae/R1": 48 / 12}.get(c1_scale, c1_scale),  # type: ignore[arg-type]
         "U": 0.5 if u_scale is None else u_scale,
     }
     assert stiefel.c1_step_scale(sae) == expected["C1"]

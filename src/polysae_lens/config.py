@@ -22,7 +22,7 @@ from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAEConfig
 from typing_extensions import override
 
 from polysae_lens.auxk import AUX_K_RULES
-from polysae_lens.stiefel import RETRACTIONS
+from polysae_lens.stiefel import C1_RATIO_RULE, RETRACTIONS
 
 POLY_ORDERS = (1, 2, 3)
 STIEFEL_METHODS = tuple(RETRACTIONS)
@@ -43,13 +43,15 @@ PAPER_TRAINING_SETTINGS: dict[str, Any] = {
 authors' code): its initialisation, one learning rate, no gauge step, SAELens's
 AuxK."""
 PREVIOUS_TRAINING_DEFAULTS: dict[str, Any] = {
+    "c1_lr_scale": C1_RATIO_RULE,
     "gauge_lr_scale": 0.0,
     "u_lr_scale": 1.0,
     "aux_k": "d_in/2",
     "aux_outside_interactions": False,
 }
-"""The package's training defaults before the gauge step, U's step scale and the
-AuxK changes became defaults (issue 13, fourth and seventh passes): the demo and
+"""The package's training defaults before the gauge step, U's step scale, the
+AuxK changes and C1's sqrt(d_sae / R1) step became defaults (issue 13, fourth,
+seventh and ninth passes): the demo and
 ``benchmarks/inclass.py`` train them beside the current defaults."""
 DEFAULT_INTERACTION_RANK = 64  # R2 = R3 = 64 for GPT-2 small (paper Sec. 5.1)
 
@@ -236,17 +238,17 @@ class _PolyTrainingDefaults:
     of Kaiming's init with condition number 1, so the first-order decoder
     U @ C1 starts well conditioned) or ``"kaiming"`` (Kaiming-uniform in C1's
     [R1, d_in] storage). ``init_preset="authors"`` sets it to ``"kaiming"``."""
-    c1_lr_scale: float | None = None
+    c1_lr_scale: float | str | None = None
     """Factor applied to C1's optimizer step (for Adam, exactly its learning rate
     relative to the other parameters). ``None`` (default) means sqrt(d_sae / R1).
     With U on the Stiefel manifold only C1's R1 x d_in entries can reshape the
     decoder's spectrum, and ``||U @ C1|| = ||C1||``: C1's entries are about
     sqrt(d_sae / R1) times a free decoder's, so this factor moves the
     first-order decoder, relative to its size, as fast as Adam moves a linear
-    SAE's. The earlier default, d_sae / R1, moved it twice as fast again at
-    width 4 R1 and held the MSE ~6% above TopK's on linear data at a constant lr
-    (``docs/inclass-plateau.md``, ninth pass). 1.0 is the paper's single
-    learning rate."""
+    SAE's. The earlier default, d_sae / R1 (``"d_sae/R1"`` keeps it), moves it
+    sqrt(d_sae / R1) times faster than that, and at width 8 R1 held the MSE 6-9%
+    above TopK's on linear data at a constant lr (``docs/inclass-plateau.md``,
+    ninth pass). 1.0 is the paper's single learning rate."""
     u_lr_scale: float | None = None
     """Factor applied to U's optimizer step (for Adam, exactly its learning rate
     relative to the other parameters). ``None`` (default) means sqrt(R1 / d_sae),
@@ -346,10 +348,12 @@ class _PolyTrainingDefaults:
             if self.decoder_init_norm is None:
                 self.decoder_init_norm = AUTHORS_DECODER_INIT_NORM
         for name, default in (
-            ("c1_lr_scale", "sqrt(d_sae / R1)"),
+            ("c1_lr_scale", f"sqrt(d_sae / R1) (or {C1_RATIO_RULE!r})"),
             ("u_lr_scale", "sqrt(R1 / d_sae)"),
         ):
             scale = getattr(self, name)
+            if name == "c1_lr_scale" and scale == C1_RATIO_RULE:
+                continue
             if scale is not None and (
                 not isinstance(scale, (int, float))
                 or isinstance(scale, bool)

@@ -364,9 +364,17 @@ def _configured_scale(sae: nn.Module, field: str, default: Callable[[Any], float
     return float(value) if value is not None else float(default(cfg))
 
 
+C1_RATIO_RULE = "d_sae/R1"
+"""The ``c1_lr_scale`` value that means d_sae / R1, the default before sqrt(d_sae / R1)."""
+
+
 def c1_step_scale(sae: nn.Module) -> float:
     """The factor applied to C1's optimizer step: the config's ``c1_lr_scale``,
-    with ``None`` meaning sqrt(d_sae / R1); 1 for modules without the field."""
+    with ``None`` meaning sqrt(d_sae / R1) and ``"d_sae/R1"`` d_sae / R1; 1 for
+    modules without the field."""
+    cfg = getattr(sae, "cfg", None)
+    if getattr(cfg, "c1_lr_scale", None) == C1_RATIO_RULE:
+        return cfg.d_sae / cfg.ranks[0]  # type: ignore[union-attr]
     return _configured_scale(sae, "c1_lr_scale", lambda cfg: math.sqrt(cfg.d_sae / cfg.ranks[0]))
 
 
