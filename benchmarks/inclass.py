@@ -15,7 +15,8 @@ held-out MSE (sum over d_in, mean over rows) is read at a budget ``B`` and at
   (:data:`polysae_lens.config.PAPER_TRAINING_SETTINGS`: the authors' init, one
   learning rate, no gauge step, SAELens's AuxK).
 - ``poly2 previous``: ``poly2`` with the defaults before issue 13's fourth pass
-  (no gauge step, U's step unscaled: ``gauge_lr_scale=0, u_lr_scale=1``).
+  (:data:`polysae_lens.config.PREVIOUS_TRAINING_DEFAULTS`: no gauge step, U's
+  step unscaled, C1's step d_sae / R1, SAELens's AuxK).
 - ``poly1``: the order-1 ablation (package defaults).
 - ``oracle``: ``poly2`` started at the true decoder (encoder tied to it), trained
   the same way (:func:`polysae_lens.inclass.oracle_sae`).

@@ -19,7 +19,7 @@ Peak memory is the peak resident set size (VmHWM, which starts afresh at exec)
 of a fresh subprocess that builds one contender and runs a few training steps,
 minus its size before building it. ``poly_every4`` retracts every 4th step;
 ``poly_previous`` is PolySAE with the defaults before issue 13's fourth pass
-(no gauge step, U's step unscaled: ``polysae_lens.config.PREVIOUS_TRAINING_DEFAULTS``).
+(``polysae_lens.config.PREVIOUS_TRAINING_DEFAULTS``: no gauge step, U's step unscaled).
 ``topk_auxk`` and ``poly_auxk`` are TopK and PolySAE steps with AuxK running:
 before each step 1% of the latents are marked silent for longer than the dead
 window (the trainer's count for TopK, PolySAE's own ``aux_dead_window`` count

@@ -243,7 +243,8 @@ def markdown_section(results: dict[str, Any], sparse_rows: list[Row]) -> str:
         f"{cfg['steps']} steps) on the same stream; seeds {list(seeds)} each draw their "
         f"own true decoder, stream and initialisation; metrics on {cfg['eval_samples']:,} "
         "held-out rows. `PolySAE, previous defaults` is the package before issue 13's "
-        "fourth pass (no gauge step, U's step unscaled, SAELens's AuxK k and comparison: "
+        "fourth pass (no gauge step, U's step unscaled, C1's step d_sae / R1, SAELens's AuxK "
+        "k and comparison: "
         f"`{_previous_defaults()}`). "
         "The oracle is PolySAE started at the true "
         "decoder with its encoder tied to it, then trained exactly like the others.",

@@ -10,7 +10,8 @@ rate, batch and steps, SAELens's stock ``SAETrainer`` trains:
   interaction term);
 - ``poly_previous``: ``poly`` with the package's defaults before issue 13's
   fourth pass (:data:`polysae_lens.config.PREVIOUS_TRAINING_DEFAULTS`: no gauge
-  step, U's step unscaled, SAELens's AuxK k and comparison), an extra
+  step, U's step unscaled, C1's step d_sae / R1, SAELens's AuxK k and
+  comparison), an extra
   contender, labelled as such;
 - ``oracle``: ``poly`` started at the true decoder (encoder tied to it), trained
   the same way (:func:`polysae_lens.inclass.oracle_sae`): what training reaches
