@@ -414,7 +414,8 @@ def train(
 # untied placeholder) and its single learning rate: the paper's settings.
 # U's step unscaled and no package gauge step (this script's rows predate both
 # defaults; its own gauge experiment is ``gauge=True``).
-ONE_LR = (("c1_lr_scale", 1.0), *PREVIOUS_TRAINING_DEFAULTS.items())
+# (c1_lr_scale=1.0 last: it replaces the previous defaults' "d_sae/R1")
+ONE_LR = (*PREVIOUS_TRAINING_DEFAULTS.items(), ("c1_lr_scale", 1.0))
 AUTHORS = Contender("poly1 authors init", poly_kwargs=(("init_preset", "authors"), *ONE_LR))
 # Kaiming C1 with one lr on the package's init otherwise (W_enc tied to U @ C1, C's
 # with fan_in = d_in): the base of the ablations. The package's defaults include

@@ -259,3 +259,18 @@ def test_step_cost_history_refuses_an_unknown_revision(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         step_cost_history.main(["--against", "no-such-revision-here"])
     assert "--against 'no-such-revision-here' is not a commit" in capsys.readouterr().err
+
+
+def test_training_dynamics_one_lr_contenders_keep_c1_at_one_step() -> None:
+    """The paper's single learning rate: C1's step unscaled even though the previous
+    defaults they build on carry ``c1_lr_scale="d_sae/R1"``."""
+    import training_dynamics as td
+
+    from polysae_lens import stiefel
+
+    spec = td.DataSpec(d_in=8, d_sae=32, k=2, n_features=32)
+    for contender in (td.AUTHORS, td.KAIMING, td.FIX):
+        sae = td.build(contender, spec, stream=None)  # type: ignore[arg-type]
+        assert stiefel.c1_step_scale(sae) == 1.0, contender.name
+    defaults = td.build(td.PKG_DEFAULTS, spec, stream=None)  # type: ignore[arg-type]
+    assert stiefel.c1_step_scale(defaults) == 2.0  # sqrt(d_sae / R1) = sqrt(32 / 8)
