@@ -3,6 +3,7 @@ scripts' own folder is on ``sys.path`` when they run or are imported by tests)."
 
 from __future__ import annotations
 
+import functools
 import statistics
 import subprocess
 import sys
@@ -11,11 +12,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
+import sae_lens.training.sae_trainer as sae_trainer_module
 import torch
 from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
 from torch import Tensor
+from tqdm.auto import tqdm
 
 
 def scale_steps(optimizer: torch.optim.Optimizer, multipliers: dict[Tensor, float]) -> None:
@@ -152,6 +156,14 @@ SHAPES = {
     "small": Shape("small", 128, 2048, 32, 1024, (128, 64, 64)),
     "tiny": Shape("tiny", 32, 256, 8, 128, (32, 8, 8)),
 }
+
+
+def quiet_fit(trainer: SAETrainer[Any, Any]) -> Any:
+    """``trainer.fit()`` without SAETrainer's progress bar (it would interleave with
+    a benchmark's table). Patched for this call only: a module that patched SAELens at
+    import would silence the bar for everything imported after it (tests included)."""
+    with mock.patch.object(sae_trainer_module, "tqdm", functools.partial(tqdm, disable=True)):
+        return trainer.fit()
 
 
 def make_trainer(

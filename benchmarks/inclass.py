@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import statistics
@@ -61,15 +60,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
-import sae_lens.training.sae_trainer as sae_trainer_module
 import torch
 from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.synthetic import FeatureDictionary
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig
 from polysae_lens.config import PAPER_TRAINING_SETTINGS, PREVIOUS_TRAINING_DEFAULTS
@@ -83,11 +79,7 @@ from polysae_lens.inclass import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import timed_batches
-
-# SAETrainer draws a progress bar per run; hidden during this script's runs
-# only (patched around each fit, so importing the module changes nothing).
-_QUIET_TQDM = functools.partial(tqdm, disable=True)
+from _common import quiet_fit, timed_batches
 
 
 def paper_kwargs() -> dict[str, Any]:
@@ -269,8 +261,7 @@ def train(
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data)
     if setup is not None:
         setup(trainer, sae)
-    with mock.patch.object(sae_trainer_module, "tqdm", _QUIET_TQDM):
-        trainer.fit()
+    quiet_fit(trainer)
     record(steps)
     if metrics:
         result.extra["metric"] = metrics

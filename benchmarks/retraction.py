@@ -30,12 +30,10 @@ import time
 from typing import Any
 
 import torch
-from _common import CONTENTION_KINDS, contention
+from _common import CONTENTION_KINDS, contention, quiet_fit
 from sae_lens import SAETrainer
 from sae_lens.config import SAETrainerConfig
 from sae_lens.synthetic import ActivationGenerator, FeatureDictionary
-from sae_lens.training import sae_trainer as sae_trainer_module
-from tqdm.auto import tqdm
 
 from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig, orthogonality_error
 from polysae_lens.stiefel import (
@@ -44,9 +42,6 @@ from polysae_lens.stiefel import (
     cholesky_qr_retract,
     qr_retract,
 )
-
-# SAETrainer's progress bar would interleave with the table
-sae_trainer_module.tqdm = functools.partial(tqdm, disable=True)  # type: ignore[attr-defined]
 
 
 def time_retractions(d_sae: int, rank: int, repeats: int) -> dict[str, float]:
@@ -116,7 +111,7 @@ def train_variant(every_n: int, method: str, steps: int, d_in: int, d_sae: int) 
         data_provider=batches(record, sae),
     )
     start = time.perf_counter()
-    trainer.fit()
+    quiet_fit(trainer)
     seconds = time.perf_counter() - start
     torch.manual_seed(2)
     held_out = features(generator.sample(4096))

@@ -73,7 +73,6 @@ compare only within one run).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import statistics
@@ -85,13 +84,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import sae_lens.training.sae_trainer as sae_trainer_module
 import torch
 from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.synthetic import ActivationGenerator, FeatureDictionary
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from polysae_lens import PolyTopKTrainingSAE, PolyTopKTrainingSAEConfig, orthogonality_error
 from polysae_lens.config import PREVIOUS_TRAINING_DEFAULTS
@@ -99,11 +96,7 @@ from polysae_lens.polynomial import project
 from polysae_lens.stiefel import qr_retract, retract_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import scale_steps, timed_batches
-
-# SAETrainer draws a progress bar per run; keep the table readable.
-sae_trainer_module.tqdm = functools.partial(tqdm, disable=True)  # type: ignore[attr-defined]
-
+from _common import quiet_fit, scale_steps, timed_batches
 
 # ---- data ------------------------------------------------------------------
 
@@ -389,7 +382,7 @@ def train(
     )
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=data)
     attach(c, trainer, sae, spec)
-    trainer.fit()
+    quiet_fit(trainer)
     result.mse[steps], result.ev[steps] = evaluate(sae, eval_x)
     result.ms_per_step = 1000 * statistics.median(step_times[5:] or step_times)
     with torch.no_grad():

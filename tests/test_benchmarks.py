@@ -13,7 +13,8 @@ import torch
 
 from polysae_lens import PolyTopKTrainingSAE, orthogonality_error
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 import _common
 import training_step
 
@@ -274,3 +275,42 @@ def test_training_dynamics_one_lr_contenders_keep_c1_at_one_step() -> None:
         assert stiefel.c1_step_scale(sae) == 1.0, contender.name
     defaults = td.build(td.PKG_DEFAULTS, spec, stream=None)  # type: ignore[arg-type]
     assert stiefel.c1_step_scale(defaults) == 2.0  # sqrt(d_sae / R1) = sqrt(32 / 8)
+
+
+def test_importing_the_benchmarks_leaves_saelens_progress_bar_alone() -> None:
+    """A benchmark that patched SAETrainer's tqdm at import silenced the bar for every
+    test that ran after it (test_first_run's bar check failed only in the full suite)."""
+    import subprocess
+
+    modules = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.stem.startswith("_"))
+    assert {"inclass", "training_dynamics", "retraction"} <= set(modules)
+    script = (
+        "import importlib, sys\n"
+        f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
+        "import sae_lens.training.sae_trainer as m\n"
+        "before = m.tqdm\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "    assert m.tqdm is before, name\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_quiet_fit_hides_the_bar_for_its_call_only(capsys: pytest.CaptureFixture[str]) -> None:
+    import sae_lens.training.sae_trainer as sae_trainer_module
+
+    before = sae_trainer_module.tqdm
+    seen: list[Any] = []
+
+    class Trainer:
+        def fit(self) -> str:
+            seen.append(sae_trainer_module.tqdm)
+            sae_trainer_module.tqdm(range(3), desc="Training SAE").close()
+            return "fitted"
+
+    assert _common.quiet_fit(Trainer()) == "fitted"  # type: ignore[arg-type]
+    assert seen[0] is not before
+    assert "Training SAE" not in capsys.readouterr().err
+    assert sae_trainer_module.tqdm is before
