@@ -13,10 +13,11 @@ import torch
 
 from polysae_lens import PolyTopKTrainingSAE, orthogonality_error
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _common
 import training_step
+
+BENCHMARKS = Path(_common.__file__).resolve().parent
 
 TINY = training_step.SHAPES["tiny"]
 
