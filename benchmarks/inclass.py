@@ -75,6 +75,7 @@ from polysae_lens.inclass import (
     build_in_class,
     interaction_recovery,
     oracle_sae,
+    quadratic_output_cosines,
     sample_codes,
 )
 
@@ -191,20 +192,30 @@ Probe = Callable[[nn.Module, int], dict[str, float]]
 Metric = Callable[[nn.Module], dict[str, float] | None]
 
 
+QUAD_FOUND_COS = 0.9
+"""A true quadratic output direction counts as found when its principal cosine with
+the learned term's output space is at least this."""
+
+
 def recovery_metric(truth: InClassGroundTruth, n: int = 4096) -> Metric:
     """``pair cos`` and ``matched`` of an order >= 2 PolySAE against ``truth``
-    (None for other models): :func:`polysae_lens.inclass.interaction_recovery`."""
+    (:func:`polysae_lens.inclass.interaction_recovery`) and how many of the true
+    quadratic term's output directions it can produce
+    (:func:`polysae_lens.inclass.quadratic_output_cosines`); None for other models."""
     z_BN = truth.sample(n, truth.generator(777_777)).z_BN
 
     def metric(sae: nn.Module) -> dict[str, float] | None:
         if getattr(getattr(sae, "cfg", None), "poly_order", 0) < 2:
             return None
         rec = interaction_recovery(truth.weights, sae, z_BN)
+        cos_S = quadratic_output_cosines(truth.weights, sae)
         return {
             "pair_cos": rec.weighted_cos,
             "pair_cos_unweighted": rec.mean_cos,
             "pair_cos_strict": rec.strict_weighted_cos,
             "matched": rec.matched_fraction,
+            "quad_dirs_found": int((cos_S >= QUAD_FOUND_COS).sum()),
+            "quad_dirs_min_cos": float(cos_S.min()),
         }
 
     return metric
@@ -350,6 +361,23 @@ def print_table(title: str, results: list[RunResult], budgets: list[int]) -> Non
                 matched = [r.extra["metric"][b]["matched"] for r in runs]
                 cells.append(f"at {b}: {fmt(cos)} / {fmt(matched)}")
             print(f"  {name}: " + "; ".join(cells))
+        found = {  # runs of reports written before this metric existed lack it
+            name: [r for r in runs if "quad_dirs_found" in r.extra["metric"][budgets[-1]]]
+            for name, runs in by_name.items()
+        }
+        found = {name: runs for name, runs in found.items() if runs}
+        if found:
+            print(
+                f"quadratic output directions found (principal cosine >= {QUAD_FOUND_COS}) "
+                "at each budget, by seed:"
+            )
+        for name, runs in found.items():
+            counts = [
+                f"s{r.seed} "
+                + "/".join(str(r.extra["metric"][b]["quad_dirs_found"]) for b in budgets)
+                for r in runs
+            ]
+            print(f"  {name}: " + ", ".join(counts))
     times: dict[str, list[float]] = {}
     for r in results:
         times.setdefault(r.name, []).append(r.ms_per_step)

@@ -32,6 +32,11 @@ def test_quick_run_prints_every_contender_and_both_budgets(
     for r in report["inclass"]:
         assert set(r["mse"]) == {20, 80}
         assert all(0 < v < 10 for v in r["mse"].values())
+    # the oracle starts at the true decoder: every quadratic direction is there
+    (oracle,) = [r for r in report["inclass"] if r["name"] == "oracle"]
+    assert oracle["extra"]["metric"][20]["quad_dirs_found"] == bench.QUICK_CFG.ranks[1]
+    assert "quadratic output directions found" in out
+    assert f"oracle: s0 {bench.QUICK_CFG.ranks[1]}/" in out
 
 
 def test_reports_merge_into_one_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

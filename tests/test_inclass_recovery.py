@@ -12,7 +12,14 @@ import math
 import pytest
 import torch
 
-from polysae_lens.inclass import InClassConfig, build_in_class, interaction_recovery
+from polysae_lens.inclass import (
+    InClassConfig,
+    build_in_class,
+    interaction_recovery,
+    oracle_sae,
+    quadratic_output_cosines,
+)
+from polysae_lens.polynomial import PolyDecoderWeights
 
 # d_in 32 so that distinct random atoms stay far below the 0.7 matching threshold.
 CFG = InClassConfig(d_in=32, num_atoms=40, ranks=(24, 4, 3), k=3, calibration_samples=4096, seed=7)
@@ -152,3 +159,61 @@ def test_benchmark_reports_pair_cos_for_quadratic_models_only() -> None:
     assert fresh is not None and fresh["matched"] < 0.5  # a random decoder matches few atoms
     assert metric(bench.build(rows["poly1"], truth, k=bench.QUICK_CFG.k)) is None
     assert metric(bench.build(rows["topk"], truth, k=bench.QUICK_CFG.k)) is None
+
+
+def with_C2(C2_SD: torch.Tensor) -> PolyDecoderWeights:
+    """A decoder whose quadratic term writes through ``C2_SD`` (the rest is filler:
+    the output space depends on C2 alone)."""
+    s, d = C2_SD.shape
+    return PolyDecoderWeights(
+        torch.eye(6, 4), torch.ones(4, d), C2_SD, None, torch.tensor(0.5), None
+    )
+
+
+E = torch.eye(4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("learned_rows", "expected"),
+    [
+        ([E[0], E[1]], [1.0, 1.0]),  # the same space
+        ([3 * E[1] - E[0], E[0] + E[1]], [1.0, 1.0]),  # other rows, the same span
+        ([E[0], E[2]], [1.0, 0.0]),  # one direction missed
+        ([E[0], (E[1] + E[2]) / math.sqrt(2)], [1.0, 1 / math.sqrt(2)]),  # half-way: 45 degrees
+        ([E[2], E[3]], [0.0, 0.0]),  # all missed
+        ([E[0], 0 * E[1]], [1.0, 0.0]),  # a zero row writes nowhere: padded with 0
+    ],
+)
+def test_quadratic_output_cosines_hand_set(learned_rows, expected) -> None:  # type: ignore[no-untyped-def]
+    # true quadratic output space span(e0, e1) in d_in 4; principal cosines by hand
+    truth = with_C2(torch.stack([E[0], 2 * E[1]]))
+    cos = quadratic_output_cosines(truth, with_C2(torch.stack(learned_rows)))
+    assert cos.tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_quadratic_output_cosines_of_a_trained_model_and_of_a_wider_or_narrower_one() -> None:
+    truth = build_in_class(CFG)
+    s = CFG.ranks[1]
+    sae = oracle_sae(truth, CFG.k)  # a module: read through its decoder weights
+    assert quadratic_output_cosines(truth.weights, sae).tolist() == pytest.approx([1.0] * s)
+    gen = torch.Generator().manual_seed(0)
+    C2 = truth.weights.C2_SD.double()
+    # rows mixed by an invertible matrix and one extra row: still every direction
+    wider = torch.cat([torch.randn(s, s, generator=gen, dtype=torch.float64) @ C2,
+                       torch.randn(1, CFG.d_in, generator=gen, dtype=torch.float64)])  # fmt: skip
+    assert quadratic_output_cosines(truth.weights, with_C2(wider)).tolist() == pytest.approx(
+        [1.0] * s
+    )
+    # one row fewer: at most s - 1 directions, and one cosine is 0
+    cos = quadratic_output_cosines(truth.weights, with_C2(C2[:-1]))
+    assert cos.shape == (s,)
+    assert cos[: s - 1].tolist() == pytest.approx([1.0] * (s - 1)) and cos[-1] == 0
+
+
+def test_quadratic_output_cosines_refuses_order_one_and_other_d_in() -> None:
+    truth = with_C2(torch.stack([E[0], E[1]]))
+    order1 = PolyDecoderWeights(torch.eye(6, 4), torch.ones(4, 4), None, None, None, None)
+    with pytest.raises(ValueError, match="C2 is None"):
+        quadratic_output_cosines(truth, order1)
+    with pytest.raises(ValueError, match="d_in differs: truth 4, learned 5"):
+        quadratic_output_cosines(truth, with_C2(torch.eye(2, 5)))

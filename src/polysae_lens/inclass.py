@@ -395,6 +395,53 @@ def pair_directions(weights: PolyDecoderWeights, i_P: Tensor, j_P: Tensor) -> Te
     return 2 * weights.lambda2 * (U_FS[i_P] * U_FS[j_P]) @ weights.C2_SD
 
 
+def _row_space_DK(M_KD: Tensor, rel_tol: float) -> Tensor:
+    """[D, r] an orthonormal basis of the row space of ``M_KD`` (singular values
+    below ``rel_tol`` times the largest are dropped; r = 0 for a zero matrix)."""
+    left_DK, sv_K, _ = torch.linalg.svd(M_KD.detach().double().cpu().T, full_matrices=False)
+    if sv_K.numel() == 0 or float(sv_K[0]) == 0.0:
+        return left_DK[:, :0]
+    return left_DK[:, sv_K > rel_tol * sv_K[0]]
+
+
+@torch.no_grad()
+def quadratic_output_cosines(
+    truth: PolyDecoderWeights, learned: nn.Module | PolyDecoderWeights, *, rel_tol: float = 1e-6
+) -> Tensor:
+    """[S*] how well the learned quadratic term can write along each direction the
+    planted one writes along, largest first.
+
+    The quadratic term of a decoder adds ``lambda2 (a[:, :R2])**2 @ C2``, so its
+    output lies in the row space of C2. The result holds the cosines of the
+    principal angles between the true row space (of dimension S*, the true R2)
+    and the learned one: 1 for a direction the learned term can produce, near 0
+    for one it cannot (a quadratic direction training did not find), padded with
+    zeros when the learned row space has fewer dimensions than the true one. It
+    looks at the output side only: which latents' products reach a direction is
+    :func:`interaction_recovery`'s question. Rows below ``rel_tol`` of C2's
+    largest singular value do not count (a zero row writes nowhere).
+    """
+    from polysae_lens.analysis import poly_weights
+
+    learned_w = poly_weights(learned)
+    if truth.C2_SD is None or learned_w.C2_SD is None:
+        raise ValueError(
+            "quadratic_output_cosines needs two order >= 2 decoders; got one without a "
+            "quadratic term (C2 is None)."
+        )
+    if truth.C2_SD.shape[1] != learned_w.C2_SD.shape[1]:
+        raise ValueError(
+            f"d_in differs: truth {truth.C2_SD.shape[1]}, learned {learned_w.C2_SD.shape[1]}; "
+            "compare decoders of the same activations."
+        )
+    true_DK = _row_space_DK(truth.C2_SD, rel_tol)
+    learned_DK = _row_space_DK(learned_w.C2_SD, rel_tol)
+    cos_K = torch.linalg.svdvals(true_DK.T @ learned_DK).clamp(max=1.0)
+    out = torch.zeros(true_DK.shape[1], dtype=torch.float64)
+    out[: cos_K.numel()] = cos_K
+    return out
+
+
 @torch.no_grad()
 def interaction_recovery(
     truth: PolyDecoderWeights,
