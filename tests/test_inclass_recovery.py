@@ -164,7 +164,7 @@ def test_benchmark_reports_pair_cos_for_quadratic_models_only() -> None:
 def with_C2(C2_SD: torch.Tensor) -> PolyDecoderWeights:
     """A decoder whose quadratic term writes through ``C2_SD`` (the rest is filler:
     the output space depends on C2 alone)."""
-    s, d = C2_SD.shape
+    d = C2_SD.shape[1]
     return PolyDecoderWeights(
         torch.eye(6, 4), torch.ones(4, d), C2_SD, None, torch.tensor(0.5), None
     )
