@@ -17,7 +17,9 @@ retraction leaves ``U @ C1`` unchanged), ``+release=T`` (after step T, the laten
 first-order decoder rows have more than half their energy in the row space of the model's
 C2 are handed to AuxK: encoder columns x 0.1, counted as silent for ``aux_dead_window``
 steps), ``+topkaux=N`` (SAELens's TopK with AuxK's k_aux = N instead of d_in // 2: for ``topk``,
-whose AuxK is SAELens's own; PolySAE's is the ``aux_k`` field).
+whose AuxK is SAELens's own; PolySAE's is the ``aux_k`` field), ``+c2revive=T:F`` (every T
+steps, a quadratic channel whose C2 row is below F times the median row's norm is re-aimed:
+median norm, a random direction orthogonal to the other rows, Adam moments cleared).
 
 Run from the repository root (one thread, ~1 min per 6000-step run)::
 
@@ -200,6 +202,45 @@ def make_release(at_step: int) -> Setup:
     return setup
 
 
+def make_c2_revive(every: int, fraction: float) -> Setup:
+    """Every ``every`` steps: a quadratic channel r whose output scale ``||C2[r]||`` is
+    below ``fraction`` times the median channel's is re-aimed: C2[r] gets the median
+    norm in a random direction orthogonal to the other rows, and its Adam moments are
+    cleared (as AuxK re-aims dead latents; docs/inclass-plateau.md, ninth pass: the runs
+    that miss a quadratic direction hold one channel at ~1/10 of the others' scale)."""
+
+    def setup(trainer: Any, sae: Any) -> None:
+        opt = trainer.optimizer
+        steps = [0]
+        gen = torch.Generator().manual_seed(12345)
+
+        @torch.no_grad()
+        def post(o: Any, args: Any, kwargs: Any) -> None:
+            if o is not opt:
+                return
+            steps[0] += 1
+            if steps[0] % every:
+                return
+            C2_SD = sae.C2
+            norms_S = C2_SD.norm(dim=1)
+            median = float(norms_S.median())
+            for r in torch.nonzero(norms_S < fraction * median).flatten().tolist():
+                others_KD = torch.cat([C2_SD[:r], C2_SD[r + 1 :]])
+                basis_DK = torch.linalg.qr(others_KD.T)[0]
+                v_D = torch.randn(C2_SD.shape[1], generator=gen)
+                v_D = v_D - basis_DK @ (basis_DK.T @ v_D)
+                C2_SD[r] = median * v_D / v_D.norm()
+                state = opt.state.get(sae.C2)
+                if state:
+                    state["exp_avg"][r] = 0
+                    state["exp_avg_sq"][r] = 0
+                print(f"step {steps[0]}: re-aimed C2 row {r}", flush=True)
+
+        register_optimizer_step_post_hook(post)
+
+    return setup
+
+
 def make_topk_aux_k(k_aux: int) -> Setup:
     """SAELens's TopK SAE with its AuxK loss taking ``k_aux`` dead latents per row
     (SAELens fixes d_in // 2); the loss is otherwise SAELens's formula."""
@@ -333,6 +374,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     setups.append(make_topk_aux_k(int(val)))
                 if k_ == "release":
                     setups.append(make_release(int(val)))
+                if k_ == "c2revive":
+                    every_, fraction_ = val.split(":")
+                    setups.append(make_c2_revive(int(every_), float(fraction_)))
                 if k_ == "c2norm":
                     setups.append(hold_c2_norm)
                 if k_ == "dfw":
