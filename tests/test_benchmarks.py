@@ -315,3 +315,38 @@ def test_quiet_fit_hides_the_bar_for_its_call_only(capsys: pytest.CaptureFixture
     assert seen[0] is not before
     assert "Training SAE" not in capsys.readouterr().err
     assert sae_trainer_module.tqdm is before
+
+
+def test_c2_revive_reaims_only_the_channel_below_the_fraction() -> None:
+    """``inclass_remedies.py +c2revive``: the small C2 row gets the median row norm in a
+    direction orthogonal to the other rows, with its Adam moments cleared; the others and
+    their moments are untouched."""
+    import types
+
+    import inclass_remedies
+
+    from polysae_lens import PolyTopKTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sae = PolyTopKTrainingSAE(
+        PolyTopKTrainingSAEConfig(d_in=12, d_sae=32, k=2, poly_order=2, poly_ranks=(8, 4, 4))
+    )
+    with torch.no_grad():
+        sae.C2.copy_(torch.randn(4, 12))
+        sae.C2[2] *= 0.01
+    opt = torch.optim.Adam(sae.parameters(), lr=0.0)  # lr 0: the hook alone moves C2
+    sae.C2.grad = torch.ones_like(sae.C2)
+    opt.step()  # moments exist before the hook is set up
+    inclass_remedies.make_c2_revive(1, 0.25)(types.SimpleNamespace(optimizer=opt), sae)
+    before = sae.C2.detach().clone()
+    moments = opt.state[sae.C2]["exp_avg"].clone()
+    median = float(before.norm(dim=1).median())
+    opt.step()
+    after = sae.C2.detach()
+    assert torch.equal(after[[0, 1, 3]], before[[0, 1, 3]])
+    assert float(after[2].norm()) == pytest.approx(median, rel=1e-5)
+    for r in (0, 1, 3):  # orthogonal to every other row, each checked on its own
+        assert abs(float(after[2] @ after[r])) < 1e-4 * median * float(after[r].norm())
+    state = opt.state[sae.C2]
+    assert torch.all(state["exp_avg"][2] == 0) and torch.all(state["exp_avg_sq"][2] == 0)
+    assert torch.equal(state["exp_avg"][[0, 1, 3]], moments[[0, 1, 3]] * 0.9 + 0.1)
