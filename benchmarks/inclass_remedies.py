@@ -19,7 +19,9 @@ C2 are handed to AuxK: encoder columns x 0.1, counted as silent for ``aux_dead_w
 steps), ``+topkaux=N`` (SAELens's TopK with AuxK's k_aux = N instead of d_in // 2: for ``topk``,
 whose AuxK is SAELens's own; PolySAE's is the ``aux_k`` field), ``+c2revive=T:F`` (every T
 steps, a quadratic channel whose C2 row is below F times the median row's norm is re-aimed:
-median norm, a random direction orthogonal to the other rows, Adam moments cleared).
+median norm, a random direction orthogonal to the other rows, Adam moments cleared),
+``+trace=N`` (every N steps, each quadratic channel's output scale and the share of its C2
+row outside the true quadratic output space, in the row's ``trace``).
 
 Run from the repository root (one thread, ~1 min per 6000-step run)::
 
@@ -44,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import inclass as bench
 from _common import scale_steps
 
-from polysae_lens.inclass import InClassConfig, build_in_class
+from polysae_lens.inclass import InClassConfig, build_in_class, quadratic_output_cosines
 
 Setup = Callable[[Any, Any], None]
 
@@ -241,6 +243,26 @@ def make_c2_revive(every: int, fraction: float) -> Setup:
     return setup
 
 
+def channel_probe(truth: Any) -> Callable[[Any, int], dict[str, Any]]:
+    """Per quadratic channel r of a PolySAE: ``|lambda2| ||C2[r]||`` (its output scale) and
+    the share of C2[r]'s norm outside the true quadratic output space; with the number of
+    true directions found (:func:`polysae_lens.inclass.quadratic_output_cosines` >= 0.9)."""
+    true_DK = torch.linalg.qr(truth.weights.C2_SD.double().T)[0]
+
+    @torch.no_grad()
+    def probe(sae: Any, step: int) -> dict[str, Any]:
+        C2_SD = sae.C2.detach().double()
+        outside_S = (C2_SD - (C2_SD @ true_DK) @ true_DK.T).norm(dim=1) / C2_SD.norm(dim=1)
+        cos_S = quadratic_output_cosines(truth.weights, sae)
+        return {
+            "found": int((cos_S >= bench.QUAD_FOUND_COS).sum()),
+            "scale": [round(float(v), 2) for v in C2_SD.norm(dim=1) * abs(float(sae.lambda2))],
+            "outside": [round(float(v), 2) for v in outside_S],
+        }
+
+    return probe
+
+
 def make_topk_aux_k(k_aux: int) -> Setup:
     """SAELens's TopK SAE with its AuxK loss taking ``k_aux`` dead latents per row
     (SAELens fixes d_in // 2); the loss is otherwise SAELens's formula."""
@@ -352,6 +374,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 order = 1
             warm = None
             refit = True
+            trace_every = 0
             for p in parts[1:]:
                 k_, _, val = p.partition("=")
                 if k_ == "gauge":
@@ -374,6 +397,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     setups.append(make_topk_aux_k(int(val)))
                 if k_ == "release":
                     setups.append(make_release(int(val)))
+                if k_ == "trace":
+                    trace_every = int(val)
                 if k_ == "c2revive":
                     every_, fraction_ = val.split(":")
                     setups.append(make_c2_revive(int(every_), float(fraction_)))
@@ -395,7 +420,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             steps = args.budget * args.mult
             cps = [b for b in (args.budget, 4 * args.budget) if b < steps]
             res = bench.train(
-                c, source, seed, steps, cps, eval_x, setup=setup, metric=metric, width=args.width
+                c,
+                source,
+                seed,
+                steps,
+                cps,
+                eval_x,
+                setup=setup,
+                metric=metric,
+                width=args.width,
+                probe=channel_probe(truth) if trace_every else None,
+                probe_every=trace_every,
             )
             m = res.extra.get("metric", {})
             row = {
@@ -407,6 +442,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "ms": round(res.ms_per_step, 2),
                 "wall": round(time.perf_counter() - t0),
             }
+            if trace_every:
+                row["trace"] = res.extra["trace"]
             print(json.dumps(row), flush=True)
             out.append(row)
     return out
