@@ -350,3 +350,34 @@ def test_c2_revive_reaims_only_the_channel_below_the_fraction() -> None:
     state = opt.state[sae.C2]
     assert torch.all(state["exp_avg"][2] == 0) and torch.all(state["exp_avg_sq"][2] == 0)
     assert torch.equal(state["exp_avg"][[0, 1, 3]], moments[[0, 1, 3]] * 0.9 + 0.1)
+
+
+def test_channel_probe_on_the_oracle_and_on_a_channel_turned_away() -> None:
+    """``inclass_remedies.py +trace``: at the true decoder every channel is found and
+    writes inside the true output space; a row replaced by a direction orthogonal to
+    that space counts as wholly outside, and one direction is then missing."""
+    import inclass_remedies
+
+    from polysae_lens.inclass import InClassConfig, build_in_class, oracle_sae
+
+    cfg = InClassConfig(d_in=16, num_atoms=32, ranks=(12, 3, 3), k=2, calibration_samples=2048)
+    truth = build_in_class(cfg)
+    sae = oracle_sae(truth, cfg.k)
+    probe = inclass_remedies.channel_probe(truth)
+    out = probe(sae, 0)
+    assert out["found"] == 3
+    assert out["outside"] == [0.0, 0.0, 0.0]
+    expected = [round(abs(float(truth.weights.lambda2)) * float(row.norm()), 2)
+                for row in truth.weights.C2_SD]  # fmt: skip
+    assert out["scale"] == expected
+    # a unit vector orthogonal to the three true rows (least-squares residual of e_0)
+    C2 = truth.weights.C2_SD.double()
+    e0 = torch.zeros(16, dtype=torch.float64)
+    e0[0] = 1.0
+    coef = torch.linalg.lstsq(C2.T, e0[:, None]).solution
+    away = e0 - (C2.T @ coef)[:, 0]
+    with torch.no_grad():
+        sae.C2[1] = (away / away.norm()).float()
+    out = probe(sae, 1)
+    assert out["outside"][1] == 1.0 and out["outside"][0] == 0.0
+    assert out["found"] == 2
