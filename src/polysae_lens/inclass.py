@@ -38,7 +38,7 @@ with an imperfect encoder, a decoder that co-adapts to the encoder's errors
 reconstructs better. ``freeze_decoder=True`` is available as a diagnostic.
 
 Shape suffixes: ``N`` atoms (= the SAE's latents), ``D`` d_in, ``R``/``S``/``T``
-ranks R1/R2/R3, ``B`` batch.
+ranks R1/R2/R3, ``B`` batch, ``K`` the dimension of a subspace (a basis's columns).
 """
 
 from __future__ import annotations
