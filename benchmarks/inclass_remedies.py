@@ -46,7 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import inclass as bench
 from _common import scale_steps
 
-from polysae_lens.inclass import InClassConfig, build_in_class, quadratic_output_cosines
+from polysae_lens.inclass import (
+    InClassConfig,
+    build_in_class,
+    quadratic_output_cosines,
+    row_space_DK,
+)
 
 Setup = Callable[[Any, Any], None]
 
@@ -99,27 +104,37 @@ def spectral_warm_start_(sae: Any, x_BD: torch.Tensor, refit_c2: bool = True) ->
     return {"top_eigs": evals[order][: R2 + 2].tolist()}
 
 
+def after_each_step(trainer: Any, fn: Callable[[int], None]) -> None:
+    """Call ``fn(t)`` (without autograd) after the trainer's optimizer takes its t-th
+    step (from 1); torch's post-hook is global, so other optimizers' steps are ignored."""
+    opt = trainer.optimizer
+    count = [0]
+
+    @torch.no_grad()
+    def post(o: Any, args: Any, kwargs: Any) -> None:
+        if o is opt:
+            count[0] += 1
+            fn(count[0])
+
+    register_optimizer_step_post_hook(post)
+
+
 def make_setup(at_step: int, source: bench.DataSource, refit: bool, n: int = 8192) -> Setup:
     """Spectral warm start after optimizer step ``at_step`` (first moments cleared)."""
 
     def setup(trainer: Any, sae: Any) -> None:
-        state = {"t": 0}
-        opt = trainer.optimizer
-
-        def post(o: Any, args: Any, kwargs: Any) -> None:
-            if o is not opt:
+        def warm(t: int) -> None:
+            if t != at_step:
                 return
-            state["t"] += 1
-            if state["t"] == at_step:
-                x = source.sample(n, source.truth.generator(4242))
-                spectral_warm_start_(sae, x, refit)
-                # Adam state of U/C1/C2 no longer matches the rotated basis: reset
-                for p in (sae.U, sae.C1, sae.C2):
-                    st = opt.state.get(p)
-                    if st:
-                        st["exp_avg"].zero_()
+            x = source.sample(n, source.truth.generator(4242))
+            spectral_warm_start_(sae, x, refit)
+            # Adam state of U/C1/C2 no longer matches the rotated basis: reset
+            for p in (sae.U, sae.C1, sae.C2):
+                st = trainer.optimizer.state.get(p)
+                if st:
+                    st["exp_avg"].zero_()
 
-        register_optimizer_step_post_hook(post)
+        after_each_step(trainer, warm)
 
     return setup
 
@@ -130,17 +145,12 @@ def make_sched(early: float, until: int) -> Setup:
     def setup(trainer: Any, sae: Any) -> None:
         base = sae.cfg.gauge_lr_scale
         object.__setattr__(sae.cfg, "gauge_lr_scale", early)
-        state = {"t": 0}
-        opt = trainer.optimizer
 
-        def post(o: Any, args: Any, kwargs: Any) -> None:
-            if o is not opt:
-                return
-            state["t"] += 1
-            if state["t"] == until:
+        def restore(t: int) -> None:
+            if t == until:
                 object.__setattr__(sae.cfg, "gauge_lr_scale", base)
 
-        register_optimizer_step_post_hook(post)
+        after_each_step(trainer, restore)
 
     return setup
 
@@ -148,32 +158,21 @@ def make_sched(early: float, until: int) -> Setup:
 def hold_c2_norm(trainer: Any, sae: Any) -> None:
     """After every optimizer step, rescale C2 back to its initial Frobenius norm."""
     norm0 = float(sae.C2.detach().norm())
-    opt = trainer.optimizer
-
-    @torch.no_grad()
-    def post(o: Any, args: Any, kwargs: Any) -> None:
-        if o is opt:
-            sae.C2.mul_(norm0 / sae.C2.norm().clamp_min(1e-12))
-
-    register_optimizer_step_post_hook(post)
+    after_each_step(trainer, lambda t: sae.C2.mul_(norm0 / sae.C2.norm().clamp_min(1e-12)))
 
 
 def compensated_retraction(trainer: Any, sae: Any) -> None:
     """Retract U after every step with C1 compensated (``U = Q R -> U <- Q, C1 <- R C1``),
     so the linear term ``U @ C1`` is unchanged by the retraction; run with the package's
     own retraction off (``stiefel_every_n_steps=0``)."""
-    opt = trainer.optimizer
     object.__setattr__(sae.cfg, "stiefel_every_n_steps", 0)
 
-    @torch.no_grad()
-    def post(o: Any, args: Any, kwargs: Any) -> None:
-        if o is not opt:
-            return
+    def retract(t: int) -> None:
         L = torch.linalg.cholesky(sae.U.T @ sae.U)
         sae.U.copy_(torch.linalg.solve_triangular(L, sae.U.T, upper=False).T)
         sae.C1.copy_(L.T @ sae.C1)
 
-    register_optimizer_step_post_hook(post)
+    after_each_step(trainer, retract)
 
 
 def make_release(at_step: int) -> Setup:
@@ -182,15 +181,8 @@ def make_release(at_step: int) -> Setup:
     encoder columns shrunk 10x and are counted silent, so AuxK retrains them at once."""
 
     def setup(trainer: Any, sae: Any) -> None:
-        opt = trainer.optimizer
-        steps = [0]
-
-        @torch.no_grad()
-        def post(o: Any, args: Any, kwargs: Any) -> None:
-            if o is not opt:
-                return
-            steps[0] += 1
-            if steps[0] != at_step:
+        def release(t: int) -> None:
+            if t != at_step:
                 return
             rows_FD = sae.W_dec
             basis_DS = torch.linalg.qr(sae.C2.T)[0]
@@ -199,7 +191,7 @@ def make_release(at_step: int) -> Setup:
             sae.steps_since_fired[chosen_F] = sae.cfg.aux_dead_window
             print(f"step {at_step}: released {int(chosen_F.sum())} latents", flush=True)
 
-        register_optimizer_step_post_hook(post)
+        after_each_step(trainer, release)
 
     return setup
 
@@ -212,16 +204,10 @@ def make_c2_revive(every: int, fraction: float) -> Setup:
     that miss a quadratic direction hold one channel at ~1/10 of the others' scale)."""
 
     def setup(trainer: Any, sae: Any) -> None:
-        opt = trainer.optimizer
-        steps = [0]
         gen = torch.Generator().manual_seed(12345)
 
-        @torch.no_grad()
-        def post(o: Any, args: Any, kwargs: Any) -> None:
-            if o is not opt:
-                return
-            steps[0] += 1
-            if steps[0] % every:
+        def revive(t: int) -> None:
+            if t % every:
                 return
             C2_SD = sae.C2
             norms_S = C2_SD.norm(dim=1)
@@ -232,13 +218,13 @@ def make_c2_revive(every: int, fraction: float) -> Setup:
                 v_D = torch.randn(C2_SD.shape[1], generator=gen)
                 v_D = v_D - basis_DK @ (basis_DK.T @ v_D)
                 C2_SD[r] = median * v_D / v_D.norm()
-                state = opt.state.get(sae.C2)
+                state = trainer.optimizer.state.get(sae.C2)
                 if state:
                     state["exp_avg"][r] = 0
                     state["exp_avg_sq"][r] = 0
-                print(f"step {steps[0]}: re-aimed C2 row {r}", flush=True)
+                print(f"step {t}: re-aimed C2 row {r}", flush=True)
 
-        register_optimizer_step_post_hook(post)
+        after_each_step(trainer, revive)
 
     return setup
 
@@ -247,7 +233,7 @@ def channel_probe(truth: Any) -> Callable[[Any, int], dict[str, Any]]:
     """Per quadratic channel r of a PolySAE: ``|lambda2| ||C2[r]||`` (its output scale) and
     the share of C2[r]'s norm outside the true quadratic output space; with the number of
     true directions found (:func:`polysae_lens.inclass.quadratic_output_cosines` >= 0.9)."""
-    true_DK = torch.linalg.qr(truth.weights.C2_SD.double().T)[0]
+    true_DK = row_space_DK(truth.weights.C2_SD)
 
     @torch.no_grad()
     def probe(sae: Any, step: int) -> dict[str, Any]:

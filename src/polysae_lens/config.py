@@ -347,18 +347,21 @@ class _PolyTrainingDefaults:
             self.c1_init = "kaiming"
             if self.decoder_init_norm is None:
                 self.decoder_init_norm = AUTHORS_DECODER_INIT_NORM
-        for name, default in (
-            ("c1_lr_scale", f"sqrt(d_sae / R1) (or {C1_RATIO_RULE!r})"),
-            ("u_lr_scale", "sqrt(R1 / d_sae)"),
+        # (field, what None means, the named rules it also takes)
+        for name, default, rules in (
+            ("c1_lr_scale", f"sqrt(d_sae / R1) (or {C1_RATIO_RULE!r})", (C1_RATIO_RULE,)),
+            ("u_lr_scale", "sqrt(R1 / d_sae)", ()),
         ):
             scale = getattr(self, name)
-            if name == "c1_lr_scale" and scale == C1_RATIO_RULE:
-                continue
-            if scale is not None and (
-                not isinstance(scale, (int, float))
-                or isinstance(scale, bool)
-                or not math.isfinite(scale)
-                or scale <= 0
+            if (
+                scale is not None
+                and scale not in rules
+                and (
+                    not isinstance(scale, (int, float))
+                    or isinstance(scale, bool)
+                    or not math.isfinite(scale)
+                    or scale <= 0
+                )
             ):
                 raise ValueError(
                     f"{name}={scale!r} must be a positive finite number, or None for {default}."

@@ -395,9 +395,9 @@ def pair_directions(weights: PolyDecoderWeights, i_P: Tensor, j_P: Tensor) -> Te
     return 2 * weights.lambda2 * (U_FS[i_P] * U_FS[j_P]) @ weights.C2_SD
 
 
-def _row_space_DK(M_KD: Tensor, rel_tol: float) -> Tensor:
-    """[D, r] an orthonormal basis of the row space of ``M_KD`` (singular values
-    below ``rel_tol`` times the largest are dropped; r = 0 for a zero matrix)."""
+def row_space_DK(M_KD: Tensor, rel_tol: float = 1e-6) -> Tensor:
+    """[D, K'] an orthonormal basis of the row space of ``M_KD`` (singular values
+    below ``rel_tol`` times the largest are dropped; K' = 0 for a zero matrix)."""
     left_DK, sv_K, _ = torch.linalg.svd(M_KD.detach().double().cpu().T, full_matrices=False)
     if sv_K.numel() == 0 or float(sv_K[0]) == 0.0:
         return left_DK[:, :0]
@@ -434,8 +434,8 @@ def quadratic_output_cosines(
             f"d_in differs: truth {truth.C2_SD.shape[1]}, learned {learned_w.C2_SD.shape[1]}; "
             "compare decoders of the same activations."
         )
-    true_DK = _row_space_DK(truth.C2_SD, rel_tol)
-    learned_DK = _row_space_DK(learned_w.C2_SD, rel_tol)
+    true_DK = row_space_DK(truth.C2_SD, rel_tol)
+    learned_DK = row_space_DK(learned_w.C2_SD, rel_tol)
     cos_K = torch.linalg.svdvals(true_DK.T @ learned_DK).clamp(max=1.0)
     out = torch.zeros(true_DK.shape[1], dtype=torch.float64)
     out[: cos_K.numel()] = cos_K
