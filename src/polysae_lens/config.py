@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from polysae_lens.auxk import AUX_K_RULES
 from polysae_lens.stiefel import C1_RATIO_RULE, RETRACTIONS
+from polysae_lens.subspace_fit import DEFAULT_FIT_STEP
 
 POLY_ORDERS = (1, 2, 3)
 STIEFEL_METHODS = tuple(RETRACTIONS)
@@ -38,6 +39,7 @@ PAPER_TRAINING_SETTINGS: dict[str, Any] = {
     "aux_dead_window": 0,
     "aux_k": "d_in/2",
     "aux_outside_interactions": False,
+    "subspace_fit_step": None,
 }
 """Training fields that turn the package's PolySAE training into the paper's (the
 authors' code): its initialisation, one learning rate, no gauge step, SAELens's
@@ -48,6 +50,7 @@ PREVIOUS_TRAINING_DEFAULTS: dict[str, Any] = {
     "u_lr_scale": 1.0,
     "aux_k": "d_in/2",
     "aux_outside_interactions": False,
+    "subspace_fit_step": None,
 }
 """The package's training defaults before the gauge step, U's step scale, the
 AuxK changes and C1's sqrt(d_sae / R1) step became defaults (issue 13, fourth,
@@ -211,6 +214,10 @@ class _PolyTrainingDefaults:
         stiefel_method: "cholesky_qr" (default) or "qr"; both give the same Q.
         stiefel_project_moments: also project Adam's first moment onto the tangent space.
         fused_adam: run the Adam optimizer that updates this SAE with torch's fused kernel.
+        subspace_fit_step: fit the interaction subspace to data after this step (None: never).
+        subspace_fit_rows: rows the fit collects (default: twice its features, 8192 to 262144).
+        subspace_fit_outputs: residual components the fit regresses (default min(d_in, 2 R2)).
+        subspace_fit_iterations: conjugate-gradient iterations of the fit (default 50).
     """
 
     init_preset: str = "package"
@@ -312,6 +319,29 @@ class _PolyTrainingDefaults:
     times faster on CPU). Optimizers built with ``foreach`` or ``fused`` set
     explicitly, or holding parameters the fused kernel does not support, are
     left alone. False keeps the optimizer exactly as it was built."""
+    subspace_fit_step: int | None = DEFAULT_FIT_STEP
+    """Order >= 2: after this many optimizer steps, fit the interaction terms'
+    subspace to the data once (:mod:`polysae_lens.subspace_fit`): regress the
+    linear term's residual on quadratic forms of ``a = z @ U``, turn U's basis
+    (``U -> U Q``, ``C1 -> Q^T C1``: the first-order decoder is unchanged) so its
+    first R2 columns are the directions those forms use, and refit C2 (and C3).
+    Gradient training alone can leave a quadratic channel aimed at nothing for
+    the whole run (``docs/inclass-plateau.md``, tenth pass). The rows come from
+    the training batches of the steps just before this one. None turns it off
+    (the paper's training)."""
+    subspace_fit_rows: int | None = None
+    """Rows of training activations the subspace fit uses. None (default): twice
+    its regression's features (R1 (R1 + 1) / 2 products of ``a``'s coordinates
+    plus R1 + 1), at least 8192 and at most 262,144 (1.6 GB of float32 rows at
+    R1 = d_in = 768, where the 296,065 features outnumber them)."""
+    subspace_fit_outputs: int | None = None
+    """J, the residual's principal components whose quadratic forms the subspace
+    fit estimates (the interaction terms' outputs lie among them). None
+    (default): min(d_in, 2 R2)."""
+    subspace_fit_iterations: int = 50
+    """Conjugate-gradient iterations of the subspace fit's regression
+    (:func:`polysae_lens.subspace_fit.quadratic_forms`), each one pass over its
+    rows costing O(rows J R1^2)."""
 
     def __post_init__(self) -> None:
         n = self.stiefel_every_n_steps
@@ -389,7 +419,41 @@ class _PolyTrainingDefaults:
                 f"stiefel_method={self.stiefel_method!r} is not allowed: use one of "
                 f"{list(STIEFEL_METHODS)}."
             )
+        self._validate_subspace_fit()
         super().__post_init__()  # type: ignore[misc]
+
+    def _validate_subspace_fit(self) -> None:
+        for name, none_means in (
+            ("subspace_fit_step", "no fit"),
+            ("subspace_fit_rows", "the default row count"),
+            ("subspace_fit_outputs", "min(d_in, 2 R2)"),
+            ("subspace_fit_iterations", None),
+        ):
+            value = getattr(self, name)
+            if value is None and none_means is not None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                allowed = f", or None for {none_means}" if none_means else ""
+                raise ValueError(f"{name}={value!r} must be a positive integer{allowed}.")
+        ranks = getattr(self, "poly_ranks", None)
+        if ranks is None or self.subspace_fit_step is None:
+            return
+        d_in = getattr(self, "d_in", None)
+        J = self.subspace_fit_outputs
+        if J is not None and isinstance(d_in, int) and d_in < J:
+            raise ValueError(
+                f"subspace_fit_outputs={J} exceeds d_in={d_in}: the residual has d_in "
+                f"principal components; use at most {d_in}, or None for min(d_in, 2 R2)."
+            )
+        R1, R2, R3 = ranks
+        needed = R2 + R3 + R1 + 1  # the refit of C2 and C3 (at most)
+        rows = self.subspace_fit_rows
+        if rows is not None and rows < needed:
+            raise ValueError(
+                f"subspace_fit_rows={rows} is too few: the refit of C2 and C3 alone has "
+                f"{needed} features (R2 + R3 + R1 + 1); use at least {needed}, better "
+                "2 R1 (R1 + 3) / 2, or None for the default."
+            )
 
 
 @dataclass

@@ -74,6 +74,7 @@ from polysae_lens.sparse import (
     topk_activation,
 )
 from polysae_lens.stiefel import orthogonality_error, track_for_retraction
+from polysae_lens.subspace_fit import collect_fit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -377,6 +378,7 @@ class PolyTrainingMixin(PolyDecoderMixin):
             output = super().training_forward_pass(step_input)
         if counter_F is not None:
             count_step_(counter_F, output.feature_acts)
+        collect_fit_rows(self, step_input.sae_in, output.feature_acts, step_input.n_training_steps)
         if step_input.is_logging_step:
             output.metrics.update(self.decoder_metrics(output.feature_acts))
         return output

@@ -25,6 +25,8 @@ from torch.optim.optimizer import (
 )
 from torch.utils.hooks import RemovableHandle
 
+from polysae_lens.subspace_fit import apply_subspace_fit_
+
 logger = logging.getLogger(__name__)
 
 
@@ -846,6 +848,7 @@ def _finish_step(optimizer: Optimizer, targets: list[weakref.ref[nn.Module]]) ->
         sae = ref()
         if sae is not None:
             retract_(sae, optimizer, turns.get(id(sae)))
+            apply_subspace_fit_(sae, optimizer)
 
 
 def _find_targets(optimizer: Optimizer) -> list[weakref.ref[nn.Module]]:
