@@ -31,6 +31,14 @@ WORLD_SIZE = 2
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "poly": {"architecture": "poly", "k": 4, "poly_ranks": [12, 5, 3]},
+    # the subspace fit after step 20, on the rows of steps 11-20 (all ranks' rows)
+    "poly_fit": {
+        "architecture": "poly",
+        "k": 4,
+        "poly_ranks": [12, 5, 3],
+        "subspace_fit_step": 20,
+        "subspace_fit_rows": 320,
+    },
     "topk": {"architecture": "topk", "k": 4},
     "batchtopk": {"architecture": "batchtopk", "k": 4},
     "poly_batchtopk": {"architecture": "poly_batchtopk", "k": 4, "poly_ranks": [12, 5, 3]},
@@ -46,7 +54,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 }
 """Scenario name -> SAE config overrides."""
 
-EXACT_SCENARIOS = ("poly", "topk", "poly_jumprelu", "jumprelu", "standard", "gated")
+EXACT_SCENARIOS = ("poly", "poly_fit", "topk", "poly_jumprelu", "jumprelu", "standard", "gated")
 """Scenarios whose data-parallel run equals the single-process run (the
 BatchTopK family selects per rank, so those only match across ranks)."""
 AUXK_SCENARIOS = ("poly", "topk")

@@ -33,9 +33,17 @@ MESHES = {"1x2": (1, 2), "2x1": (2, 1), "2x2": (2, 2)}
 """Scenario -> (dp, shards)."""
 
 
+FIT_STEP = 10
+"""The SAE fits its interaction subspace after this step, on the rows of steps 6-10
+(before the checkpoint the resume test restarts from)."""
+
+
 def make_sae() -> TrainingSAE[Any]:
-    """A float64 TopK PolySAE of order 3, biases and lambdas away from their init."""
-    return sharded_workers.make_sae("float64", d_in=D_IN)
+    """A float64 TopK PolySAE of order 3, biases and lambdas away from their init,
+    with the subspace fit inside the run."""
+    return sharded_workers.make_sae(
+        "float64", d_in=D_IN, subspace_fit_step=FIT_STEP, subspace_fit_rows=5 * GLOBAL_BATCH
+    )
 
 
 def trainer_cfg(checkpoint_path: str | None = None) -> SAETrainerConfig:

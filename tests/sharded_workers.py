@@ -30,7 +30,7 @@ GAUGE_SCALES = (1.0, 0.0)
 """The training run's ``gauge_lr_scale``s: the default gauge step, and off."""
 
 
-def make_sae(dtype: str, d_in: int = D_IN, gauge_lr_scale: float = 1.0) -> Any:
+def make_sae(dtype: str, d_in: int = D_IN, gauge_lr_scale: float = 1.0, **cfg: Any) -> Any:
     """A TopK PolySAE of order 3 with every parameter away from its init
     (non-zero biases and lambdas, so every gradient path matters)."""
     torch.manual_seed(0)
@@ -44,6 +44,7 @@ def make_sae(dtype: str, d_in: int = D_IN, gauge_lr_scale: float = 1.0) -> Any:
             "apply_b_dec_to_input": True,
             "dtype": dtype,
             "gauge_lr_scale": gauge_lr_scale,
+            **cfg,
         }
     )
     gen = torch.Generator().manual_seed(1)

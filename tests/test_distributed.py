@@ -55,8 +55,11 @@ def test_data_parallel_equals_single_process(runs: list[dict[str, Any]], name: s
     ref = workers.train_reference(name)
     initial = workers.make_sae(name).state_dict()
     dp = runs[0][name]
-    for key, value in ref["state"].items():
-        assert relative_error(dp["state"][key], value) < 1e-5, key
+    errors = {key: relative_error(dp["state"][key], value) for key, value in ref["state"].items()}
+    # the subspace fit's solve amplifies the float32 rounding of its rows (the
+    # ranks' forward passes round differently from one pass over the global batch)
+    tolerance = 1e-4 if name == "poly_fit" else 1e-5
+    assert max(errors.values()) < tolerance, errors
     # the run did move the SAE (the comparison above is not vacuous)
     assert relative_error(initial["W_enc"], ref["state"]["W_enc"]) > 1e-2
     # global token count and dead-latent statistics, exactly
@@ -77,6 +80,15 @@ def test_ranks_hold_identical_parameters_after_every_step(
     assert hashes[0] == hashes[1]
     assert len(set(hashes[0])) == len(hashes[0])  # every step changed the SAE
     assert torch.equal(runs[0][name]["since_fired"], runs[1][name]["since_fired"])
+
+
+def test_the_subspace_fit_scenario_differs_from_training_without_it() -> None:
+    # "poly_fit" is "poly" with the fit after step 20: had the fit not run (or run
+    # on one rank's rows only), the equality tests above would not tell
+    with_fit = workers.train_reference("poly_fit")["state"]
+    without = workers.train_reference("poly")["state"]
+    for key in ("U", "C2", "C3"):
+        assert relative_error(with_fit[key], without[key]) > 1e-2, key
 
 
 def test_batchtopk_threshold_uses_the_minimum_over_ranks(runs: list[dict[str, Any]]) -> None:

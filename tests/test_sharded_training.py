@@ -9,6 +9,7 @@ tiny language model) and 4 ranks (mesh 2x2); the workers are in
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, A
 @pytest.fixture(scope="module")
 def reference() -> dict[str, Any]:
     return workers.train_reference()
+
+
+def test_the_reference_run_fits_its_subspace_once(caplog: pytest.LogCaptureFixture) -> None:
+    # the sharded runs equal this run (below), so they fitted the same way
+    with caplog.at_level(logging.INFO, logger="polysae_lens.subspace_fit"):
+        workers.train_reference()
+    fits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Subspace fit")]
+    assert len(fits) == 1 and f"on {5 * workers.GLOBAL_BATCH} rows" in fits[0]
 
 
 @pytest.mark.parametrize("name", list(workers.MESHES))

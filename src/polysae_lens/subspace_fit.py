@@ -317,10 +317,13 @@ class SubspaceFitRows:
     fits on the rows collected since the resume (and logs how many).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, copies: int = 1) -> None:
         self.a: list[Tensor] = []
         self.r: list[Tensor] = []
         self.ready = False
+        self.copies = copies
+        """Ranks holding each row (the shards of a replica): gathered rows repeat
+        that many times, which leaves every mean, and so the fit, unchanged."""
 
     @property
     def count(self) -> int:
@@ -333,37 +336,52 @@ class SubspaceFitRows:
         self.ready = last
 
 
-def in_window(cfg: Any, n_training_steps: int, batch_rows: int) -> tuple[bool, bool]:
+def in_window(
+    cfg: Any, n_training_steps: int, batch_rows: int, copies: int = 1
+) -> tuple[bool, bool]:
     """(collect this step's rows, this is the window's last step) for the forward
     pass of the step after ``n_training_steps`` completed ones: the window is the
-    ``ceil(rows / (batch_rows x world size))`` steps ending with step
-    ``subspace_fit_step`` (counted from 1)."""
+    ``ceil(rows / global rows per step)`` steps ending with step
+    ``subspace_fit_step`` (counted from 1). A step's global rows are
+    ``batch_rows`` times the ranks that hold distinct rows (the world size over
+    ``copies``, the ranks that hold each row: the shards of a replica)."""
     fit_step = getattr(cfg, "subspace_fit_step", None)
     if fit_step is None or getattr(cfg, "poly_order", 1) < 2:
         return False, False
-    global_rows = batch_rows * _world_size()
+    global_rows = batch_rows * max(_world_size() // copies, 1)
     steps = math.ceil(default_rows(cfg) / max(global_rows, 1))
     step = n_training_steps + 1
     return fit_step - steps < step <= fit_step, step == fit_step
 
 
 @torch.no_grad()
-def collect_fit_rows(
-    sae: Any, sae_in_BD: Tensor, feature_acts_BF: Tensor, n_training_steps: int
+def keep_fit_rows(
+    sae: Any, a_BR: Tensor, r_BD: Tensor, n_training_steps: int, copies: int = 1
 ) -> None:
-    """Keep this training step's rows on ``sae`` if the step is in the fit's window
-    (:func:`in_window`): ``a = z @ U`` and the linear residual in the space the
-    decoder reconstructs (after the SAE's run-time input normalisation)."""
-    collect, last = in_window(sae.cfg, n_training_steps, sae_in_BD.shape[0])
+    """Keep the rows ``a = z @ U`` and the linear residual ``r`` on ``sae`` (its
+    ``_subspace_fit_rows``) if this step is in the fit's window (:func:`in_window`)."""
+    collect, last = in_window(sae.cfg, n_training_steps, a_BR.shape[0], copies)
     if not collect:
         return
     rows = getattr(sae, "_subspace_fit_rows", None)
     if rows is None:
-        rows = sae._subspace_fit_rows = SubspaceFitRows()
+        rows = sae._subspace_fit_rows = SubspaceFitRows(copies)
+    rows.collect(a_BR, r_BD, last)
+
+
+@torch.no_grad()
+def collect_fit_rows(
+    sae: Any, sae_in_BD: Tensor, feature_acts_BF: Tensor, n_training_steps: int
+) -> None:
+    """:func:`keep_fit_rows` for a PolySAE's training step: ``a`` from its code,
+    the residual in the space the decoder reconstructs (after the SAE's run-time
+    input normalisation)."""
+    if not in_window(sae.cfg, n_training_steps, sae_in_BD.shape[0])[0]:
+        return
     U, C1 = sae.U.detach(), sae.C1.detach()
     a_BR = project(feature_acts_BF.detach(), U)
     target_BD = sae.run_time_activation_norm_fn_in(sae_in_BD.detach())
-    rows.collect(a_BR, target_BD - sae.b_dec.detach() - a_BR @ C1, last)
+    keep_fit_rows(sae, a_BR, target_BD - sae.b_dec.detach() - a_BR @ C1, n_training_steps)
 
 
 def _world_size() -> int:
@@ -400,11 +418,12 @@ def apply_subspace_fit_(sae: Any, optimizer: Any = None) -> SubspaceFit | None:
     sae._subspace_fit_rows = None
     a_NR = _gathered(torch.cat(rows.a))
     r_ND = _gathered(torch.cat(rows.r))
+    distinct = a_NR.shape[0] // rows.copies
     wanted = default_rows(sae.cfg)
-    if a_NR.shape[0] < wanted:
+    if distinct < wanted:
         logger.warning(
             "Subspace fit on %d rows instead of %d (the run resumed inside the fit's window).",
-            a_NR.shape[0],
+            distinct,
             wanted,
         )
     weights: PolyDecoderWeights = sae.decoder_weights
@@ -431,7 +450,7 @@ def apply_subspace_fit_(sae: Any, optimizer: Any = None) -> SubspaceFit | None:
                 exp_avg.zero_()
     logger.info(
         "Subspace fit on %d rows; top eigenvalues of the fitted forms: %s",
-        a_NR.shape[0],
+        distinct,
         [round(float(v), 6) for v in fit.top_eigenvalues],
     )
     return fit

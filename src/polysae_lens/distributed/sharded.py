@@ -60,6 +60,7 @@ from polysae_lens.stiefel import (
     symmetric_gram,
     turn_along_gauge_,
 )
+from polysae_lens.subspace_fit import apply_subspace_fit_, in_window, keep_fit_rows
 
 # ---- layout ------------------------------------------------------------------
 
@@ -354,6 +355,16 @@ class ShardedPolyConfig:
     aux_outside_interactions: bool = False
     """AuxK compares outside the interaction terms' output subspace
     (:mod:`polysae_lens.auxk`)."""
+    subspace_fit_step: int | None = None
+    """Fit the interaction subspace after this step (:mod:`polysae_lens.subspace_fit`;
+    None: never). The rows are the replicas' (each shard of a replica holds the
+    same rows); every slice of U turns by the same rotation."""
+    subspace_fit_rows: int | None = None
+    """Rows the fit uses (None: :func:`polysae_lens.subspace_fit.default_rows`)."""
+    subspace_fit_outputs: int | None = None
+    """Residual components the fit regresses (None: min(d_in, 2 R2))."""
+    subspace_fit_iterations: int = 50
+    """Conjugate-gradient iterations of the fit."""
 
 
 class ShardedForward(NamedTuple):
@@ -504,6 +515,16 @@ def sharded_config(sae: nn.Module) -> ShardedPolyConfig:
         gauge_lr_scale=float(getattr(cfg, "gauge_lr_scale", 0.0)),
         aux_k=getattr(cfg, "aux_k", "d_in/2"),
         aux_outside_interactions=bool(getattr(cfg, "aux_outside_interactions", False)),
+        **{
+            name: getattr(cfg, name)
+            for name in (
+                "subspace_fit_step",
+                "subspace_fit_rows",
+                "subspace_fit_outputs",
+                "subspace_fit_iterations",
+            )
+            if hasattr(cfg, name)
+        },
     )
 
 
@@ -616,7 +637,26 @@ def sharded_optimizer_step(shard: ShardedPolySAE, optimizer: torch.optim.Optimiz
         u_scale = dict(shard.cfg.step_scales).get("U", 1.0)
         turn_rR = gauge_adam_step(shard, optimizer, gamma_rR, scale / u_scale)
         turn_along_gauge_(U.data, C1.data, turn_rR)
-    return sharded_cholesky_qr_(U.data, shard.group)
+    passes = sharded_cholesky_qr_(U.data, shard.group)
+    apply_subspace_fit_(shard, optimizer)
+    return passes
+
+
+def keep_sharded_fit_rows(
+    shard: ShardedPolySAE, forward: ShardedForward, x_BD: Tensor, n: int
+) -> None:
+    """The subspace fit's rows of a sharded step (``forward`` of ``x_BD``, after
+    ``n`` completed steps): ``a`` and the linear residual, the same on every
+    shard of the replica."""
+    if not in_window(shard.cfg, n, x_BD.shape[0], _group_size(shard.group))[0]:
+        return
+    a_BR = forward.a_BR.detach()
+    r_BD = x_BD.detach() - shard.b_dec.detach() - a_BR @ shard.C1.detach()
+    keep_fit_rows(shard, a_BR, r_BD, n, _group_size(shard.group))
+
+
+def _group_size(group: Any) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def sharded_train_step(

@@ -48,6 +48,7 @@ from polysae_lens.distributed.mesh import LatentMesh
 from polysae_lens.distributed.sharded import (
     ShardedPolySAE,
     gather_poly_sae,
+    keep_sharded_fit_rows,
     shard_bounds,
     sharded_adam,
     sharded_auxk_loss,
@@ -104,6 +105,7 @@ class ShardedTrainingSAE(nn.Module):
         x_BD = step_input.sae_in
         check_finite_input(x_BD)
         forward = self.shard(x_BD)
+        keep_sharded_fit_rows(self.shard, forward, x_BD, step_input.n_training_steps)
         losses = {"mse_loss": (forward.sae_out_BD - x_BD).pow(2).sum(dim=-1).mean()}
         aux_coefficient = float(getattr(self.full_cfg, "aux_loss_coefficient", 0.0))
         if aux_coefficient and step_input.dead_neuron_mask is not None:
