@@ -381,3 +381,45 @@ def test_channel_probe_on_the_oracle_and_on_a_channel_turned_away() -> None:
     out = probe(sae, 1)
     assert out["outside"][1] == 1.0 and out["outside"][0] == 0.0
     assert out["found"] == 2
+
+
+def test_inclass_gaps_scores_screens_against_the_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import inclass_gaps
+
+    def run(name: str, seed: int, b: float, b4: float) -> dict[str, Any]:
+        return {"name": name, "seed": seed, "mse": {"10": b, "40": b4}, "extra": {}}
+
+    reports = tmp_path / "r.json"
+    reports.write_text(
+        json.dumps(
+            {
+                "inclass": [
+                    run("topk", 0, 0.20, 0.18),
+                    run("oracle", 0, 0.10, 0.08),
+                    run("poly2", 0, 0.15, 0.10),
+                    run("topk", 1, 0.30, 0.20),
+                    run("oracle", 1, 0.10, 0.10),
+                    run("poly2", 1, 0.20, 0.12),
+                ]
+            }
+        )
+    )
+    screens = tmp_path / "s.jsonl"
+    screens.write_text(
+        "\n".join(
+            json.dumps({"variant": "v", "seed": s, "mse": {"10": b, "40": b4}})
+            for s, b, b4 in ((0, 0.12, 0.09), (1, 0.16, 0.11))
+        )
+    )
+    table = inclass_gaps.main(["--reports", str(reports), "--screens", str(screens)])
+    # (0.20 - 0.12) / (0.20 - 0.10) and (0.30 - 0.16) / (0.30 - 0.10), worked by hand
+    assert table["v"][10]["scores"] == pytest.approx([0.8, 0.7])
+    assert table["v"][40]["scores"] == pytest.approx([0.9, 0.9])
+    assert table["v"][10]["paired"] == pytest.approx([-0.03, -0.04])
+    out = capsys.readouterr().out
+    assert "0.750 ± 0.071 (min 0.700, n 2)" in out  # mean and sample sd of 0.8, 0.7
+    assert "-0.0350 [-0.0986, +0.0286]" in out  # 12.71 * 0.00707 / sqrt(2) = 0.06355
