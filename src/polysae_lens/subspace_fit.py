@@ -108,17 +108,21 @@ class _Forms(NamedTuple):
 
 def _moments(w_NR: Tensor, y_NJ: Tensor, chunk: int) -> _Forms:
     """``(E[y_j w w^T], E[y_j w], E[y_j])``: the regression's gradient against ``y``."""
-    N = w_NR.shape[0]
-    J, R = y_NJ.shape[1], w_NR.shape[1]
-    M = w_NR.new_zeros(J, R, R)
+    N, R = w_NR.shape
+    J = y_NJ.shape[1]
+    M_JR_R = w_NR.new_zeros(J * R, R)
     for start in range(0, N, chunk):
         w, y = w_NR[start : start + chunk], y_NJ[start : start + chunk]
-        M += torch.einsum("nj,nr,ns->jrs", y, w, w)
-    return _Forms(M / N, y_NJ.T @ w_NR / N, y_NJ.mean(0))
+        # one [J R, n] x [n, R] product for every j at once
+        M_JR_R.addmm_((y[:, :, None] * w[:, None, :]).reshape(-1, J * R).T, w)
+    return _Forms(M_JR_R.view(J, R, R) / N, y_NJ.T @ w_NR / N, y_NJ.mean(0))
 
 
 def _predict(w_NR: Tensor, forms: _Forms, chunk: int) -> Tensor:
-    parts = [torch.einsum("nr,jrs,ns->nj", w, forms.M_JRR, w) for w in w_NR.split(chunk)]
+    """``w^T M_j w + w . l_j + c_j`` [N, J]."""
+    J, R, _ = forms.M_JRR.shape
+    M_R_JR = forms.M_JRR.permute(1, 0, 2).reshape(R, J * R)
+    parts = [((w @ M_R_JR).view(-1, J, R) * w[:, None, :]).sum(-1) for w in w_NR.split(chunk)]
     return torch.cat(parts) + w_NR @ forms.l_JR.T + forms.c_J
 
 
