@@ -169,7 +169,7 @@ def test_the_window_ends_at_the_fit_step() -> None:
 def test_default_rows_are_twice_the_features_within_bounds() -> None:
     assert default_rows(make().cfg) == 8192  # 2 x (36 + 9) is below the floor
     big = PolyTopKTrainingSAEConfig(d_in=768, d_sae=1536, k=8)
-    assert default_rows(big) == 262_144  # 2 x 296,065 is above the ceiling
+    assert default_rows(big) == 131_072  # 2 x 296,065 is above the ceiling
     mid = PolyTopKTrainingSAEConfig(d_in=128, d_sae=256, k=8)
     assert default_rows(mid) == 2 * (128 * 129 // 2 + 129)
 

@@ -215,7 +215,7 @@ class _PolyTrainingDefaults:
         stiefel_project_moments: also project Adam's first moment onto the tangent space.
         fused_adam: run the Adam optimizer that updates this SAE with torch's fused kernel.
         subspace_fit_step: fit the interaction subspace to data after this step (None: never).
-        subspace_fit_rows: rows the fit collects (default: twice its features, 8192 to 262144).
+        subspace_fit_rows: rows the fit collects (default: twice its features, 8192 to 131072).
         subspace_fit_outputs: residual components the fit regresses (default min(d_in, 2 R2)).
         subspace_fit_iterations: conjugate-gradient iterations of the fit (default 50).
     """
@@ -332,8 +332,10 @@ class _PolyTrainingDefaults:
     subspace_fit_rows: int | None = None
     """Rows of training activations the subspace fit uses. None (default): twice
     its regression's features (R1 (R1 + 1) / 2 products of ``a``'s coordinates
-    plus R1 + 1), at least 8192 and at most 262,144 (1.6 GB of float32 rows at
-    R1 = d_in = 768, where the 296,065 features outnumber them)."""
+    plus R1 + 1), at least 8192 and at most 131,072 (0.8 GB of float32 rows at
+    R1 = d_in = 768, where the 296,065 features outnumber them; a CG iteration then
+    costs about 4e13 floating-point operations: lower this or
+    ``subspace_fit_iterations`` to fit at that shape on a CPU)."""
     subspace_fit_outputs: int | None = None
     """J, the residual's principal components whose quadratic forms the subspace
     fit estimates (the interaction terms' outputs lie among them). None

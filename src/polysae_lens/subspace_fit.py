@@ -59,10 +59,13 @@ MIN_ROWS = 8192
 ROWS_PER_FEATURE = 2
 """Rows per regression feature (:func:`product_count`) the fit collects by default."""
 
-MAX_DEFAULT_ROWS = 262_144
-"""The most rows the fit collects by default: 1.6 GB of float32 ``a`` and residual
-rows at R1 = d_in = 768, fewer than the 296,065 features there (CG then converges
-towards the smallest-norm solution)."""
+MAX_DEFAULT_ROWS = 131_072
+"""The most rows the fit collects by default: 0.8 GB of float32 ``a`` and residual
+rows at R1 = d_in = 768 (all ranks' together), fewer than the 296,065 features there:
+CG then converges towards the smallest-norm solution. Not measured at that shape; the
+fit's arithmetic is about 4 x rows x J x R1^2 per CG iteration (4e13 at GPT-2 small's
+defaults, J = 128: about a second on a data-centre GPU in float64, many minutes on a
+CPU, where ``subspace_fit_rows`` / ``subspace_fit_iterations`` should be lowered)."""
 
 DEFAULT_ITERATIONS = 50
 """CG iterations of :func:`quadratic_forms` by default (``subspace_fit_iterations``)."""
