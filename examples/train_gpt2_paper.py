@@ -21,7 +21,7 @@ The equivalent command line::
         --hook_name blocks.8.hook_resid_post --d_in 768 --d_sae 16384 -k 64 \\
         --poly_ranks 768 64 64 --init_preset authors --c1_lr_scale 1.0 --u_lr_scale 1.0 \\
         --gauge_lr_scale 0 --aux_dead_window 0 --aux_k d_in/2 \\
-        --aux_outside_interactions False ...
+        --aux_outside_interactions False --subspace_fit_step 0 ...
 
 :func:`build_config` returns the configuration; keyword overrides replace any
 field of the runner config, of the SAE config or of the logging config, so the
@@ -69,6 +69,7 @@ PAPER_SAE: dict[str, Any] = {
     "aux_dead_window": 0,
     "aux_k": "d_in/2",
     "aux_outside_interactions": False,
+    "subspace_fit_step": None,  # no data-driven fit of the interaction subspace
 }
 """The SAE fields of the paper's GPT-2 small run."""
 

@@ -161,7 +161,8 @@ def test_the_window_ends_at_the_fit_step() -> None:
     seen = [in_window(cfg, n, 32) for n in range(12)]
     assert [n + 1 for n, (collect, _) in enumerate(seen) if collect] == [7, 8, 9, 10]
     assert [n + 1 for n, (_, last) in enumerate(seen) if last] == [10]
-    assert not any(in_window(make(subspace_fit_step=None).cfg, n, 32)[0] for n in range(12))
+    for off in (None, 0):
+        assert not any(in_window(make(subspace_fit_step=off).cfg, n, 32)[0] for n in range(12))
     order1 = make(poly_order=1, subspace_fit_step=10, subspace_fit_rows=100).cfg
     assert not any(in_window(order1, n, 32)[0] for n in range(12))
 
@@ -234,7 +235,7 @@ def test_the_trainer_fits_once_at_the_configured_step(caplog: pytest.LogCaptureF
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"subspace_fit_step": 0}, "subspace_fit_step=0 must be a positive integer, or None"),
+        ({"subspace_fit_step": -1}, r"subspace_fit_step=-1 must be an integer >= 1, or 0 or None"),
         ({"subspace_fit_step": 2.5}, "subspace_fit_step=2.5"),
         ({"subspace_fit_rows": True}, "subspace_fit_rows=True"),
         ({"subspace_fit_iterations": None}, "subspace_fit_iterations=None must be a positive"),
@@ -260,3 +261,13 @@ def test_rows_are_not_saved_with_the_sae(tmp_path: Any) -> None:
     assert sae._subspace_fit_rows.count == 32
     keys = set(sae.state_dict())
     assert not any("subspace" in k for k in keys)
+
+
+def test_the_command_line_turns_the_fit_off_with_0() -> None:
+    from polysae_lens.cli import parse_train_args
+
+    common = ["--d_in", "10", "--d_sae", "40", "-k", "3", "--model_name", "m", "--hook_name", "h"]
+    cfg = parse_train_args([*common, "--dataset_path", "d", "--subspace_fit_step", "0"]).sae
+    assert cfg.subspace_fit_step == 0
+    assert not any(in_window(cfg, n, 32)[0] for n in range(3000))
+    assert parse_train_args([*common, "--dataset_path", "d"]).sae.subspace_fit_step == 1500

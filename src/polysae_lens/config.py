@@ -53,8 +53,8 @@ PREVIOUS_TRAINING_DEFAULTS: dict[str, Any] = {
     "subspace_fit_step": None,
 }
 """The package's training defaults before the gauge step, U's step scale, the
-AuxK changes and C1's sqrt(d_sae / R1) step became defaults (issue 13, fourth,
-seventh and ninth passes): the demo and
+AuxK changes, C1's sqrt(d_sae / R1) step and the subspace fit became defaults
+(issue 13, fourth, seventh, ninth and tenth passes): the demo and
 ``benchmarks/inclass.py`` train them beside the current defaults."""
 DEFAULT_INTERACTION_RANK = 64  # R2 = R3 = 64 for GPT-2 small (paper Sec. 5.1)
 
@@ -214,7 +214,7 @@ class _PolyTrainingDefaults:
         stiefel_method: "cholesky_qr" (default) or "qr"; both give the same Q.
         stiefel_project_moments: also project Adam's first moment onto the tangent space.
         fused_adam: run the Adam optimizer that updates this SAE with torch's fused kernel.
-        subspace_fit_step: fit the interaction subspace to data after this step (None: never).
+        subspace_fit_step: fit the interaction subspace to data after this step (0 or None: never).
         subspace_fit_rows: rows the fit collects (default: twice its features, 8192 to 131072).
         subspace_fit_outputs: residual components the fit regresses (default min(d_in, 2 R2)).
         subspace_fit_iterations: conjugate-gradient iterations of the fit (default 50).
@@ -327,8 +327,8 @@ class _PolyTrainingDefaults:
     first R2 columns are the directions those forms use, and refit C2 (and C3).
     Gradient training alone can leave a quadratic channel aimed at nothing for
     the whole run (``docs/inclass-plateau.md``, tenth pass). The rows come from
-    the training batches of the steps just before this one. None turns it off
-    (the paper's training)."""
+    the training batches of the steps just before this one. None or 0 turns it
+    off (the paper's training; on the command line ``--subspace_fit_step 0``)."""
     subspace_fit_rows: int | None = None
     """Rows of training activations the subspace fit uses. None (default): twice
     its regression's features (R1 (R1 + 1) / 2 products of ``a``'s coordinates
@@ -425,8 +425,13 @@ class _PolyTrainingDefaults:
         super().__post_init__()  # type: ignore[misc]
 
     def _validate_subspace_fit(self) -> None:
+        step = self.subspace_fit_step
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+            raise ValueError(
+                f"subspace_fit_step={step!r} must be an integer >= 1, or 0 or None for no "
+                "subspace fit."
+            )
         for name, none_means in (
-            ("subspace_fit_step", "no fit"),
             ("subspace_fit_rows", "the default row count"),
             ("subspace_fit_outputs", "min(d_in, 2 R2)"),
             ("subspace_fit_iterations", None),
@@ -438,7 +443,7 @@ class _PolyTrainingDefaults:
                 allowed = f", or None for {none_means}" if none_means else ""
                 raise ValueError(f"{name}={value!r} must be a positive integer{allowed}.")
         ranks = getattr(self, "poly_ranks", None)
-        if ranks is None or self.subspace_fit_step is None:
+        if ranks is None or not self.subspace_fit_step:
             return
         d_in = getattr(self, "d_in", None)
         J = self.subspace_fit_outputs

@@ -353,7 +353,7 @@ def in_window(
     ``batch_rows`` times the ranks that hold distinct rows (the world size over
     ``copies``, the ranks that hold each row: the shards of a replica)."""
     fit_step = getattr(cfg, "subspace_fit_step", None)
-    if fit_step is None or getattr(cfg, "poly_order", 1) < 2:
+    if not fit_step or getattr(cfg, "poly_order", 1) < 2:
         return False, False
     global_rows = batch_rows * max(_world_size() // copies, 1)
     steps = math.ceil(default_rows(cfg) / max(global_rows, 1))

@@ -66,7 +66,7 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the authors' training (init_preset=authors, c1_lr_scale=1.0, "
         "u_lr_scale=1.0, gauge_lr_scale=0, and SAELens's AuxK: aux_dead_window=0, "
-        "aux_k=d_in/2, aux_outside_interactions=False); default: "
+        "aux_k=d_in/2, aux_outside_interactions=False; no subspace fit); default: "
         "the package's PolySAE training defaults",
     )
     what.add_argument("--seed", type=int, default=42, help="training seed of both SAEs (42)")

@@ -67,7 +67,7 @@ class ReproducePlan:
     """True: the authors' recipe (``config.PAPER_TRAINING_SETTINGS``:
     ``init_preset="authors"``, ``c1_lr_scale=1.0``, ``u_lr_scale=1.0``,
     ``gauge_lr_scale=0``, and SAELens's AuxK: ``aux_dead_window=0``,
-    ``aux_k="d_in/2"``, ``aux_outside_interactions=False``);
+    ``aux_k="d_in/2"``, ``aux_outside_interactions=False``; no subspace fit);
     False: the package's PolySAE training defaults. Everything else is the
     paper's in both (lr, batch, no rescaling, AuxK coefficient 1)."""
     training_tokens: int | None = None
