@@ -8,31 +8,30 @@ stuck channel's output stays an order of magnitude below the others from step
 1000 on (``docs/inclass-plateau.md``, ninth pass). The fit looks at the data
 instead:
 
-1. regress the linear term's residual ``r = x - b_dec - a @ C1`` on quadratic
-   forms of ``a`` (one form ``M_d`` per output dimension, plus a linear and a
-   constant term);
+1. regress the linear term's residual ``r = x - b_dec - a @ C1``, along its top
+   J principal components, on every product ``a_p a_q`` (one quadratic form
+   ``M_j`` per component, plus a linear and a constant term);
 2. take the R2 directions those forms use most (top eigenvectors of
-   ``sum_d M_d^2``), with the basis inside them that diagonalises a random mix
+   ``sum_j M_j^2``), with the basis inside them that diagonalises a random mix
    of the forms (the model's quadratic term is diagonal in U's basis);
 3. turn U's basis there, ``U -> U Q``, ``C1 -> Q^T C1``, which leaves the
    first-order decoder ``U @ C1`` unchanged;
 4. refit C2 (and C3 at order 3) by least squares in the new coordinates.
 
-A form over all R1 coordinates has R1 (R1 + 1) / 2 coefficients (295,296 at the
-paper's R1 = 768), so step 1 runs in a candidate subspace of K dimensions
-(default min(R1, 2 rank)): the interaction terms' current columns plus the top
-directions of a moment screen of the model's own residual, the part of the data
-neither the linear nor the current interaction terms explain
-(:func:`moment_screen`). With K = R1 the fit is the plain regression over every
-coordinate.
+A form over R1 coordinates has R1 (R1 + 1) / 2 coefficients (295,296 at the
+paper's R1 = 768), too many features to form, so step 1 solves the normal
+equations matrix-free by conjugate gradients (:func:`quadratic_forms`): each
+iteration is one pass over the rows, O(N J R1^2). (A cheaper screen that chose
+2 R2 candidate directions from third-order moments first missed what the full
+regression finds: ``docs/inclass-plateau.md``, tenth pass.)
 
 Pure functions here; :class:`SubspaceFitRows` (the rows a training SAE collects)
 and :func:`apply_subspace_fit_` (called after the optimizer step, where Adam's
 state is at hand) are thin wrappers used by :mod:`polysae_lens.sae` and
 :mod:`polysae_lens.stiefel`.
 
-Shape key (besides :mod:`polysae_lens.polynomial`'s): ``N`` rows, ``K``
-candidate directions, ``P`` regression features, ``J`` screened output directions.
+Shape key (besides :mod:`polysae_lens.polynomial`'s): ``N`` rows, ``J`` the
+residual's principal components, ``P`` regression features.
 """
 
 from __future__ import annotations
@@ -81,8 +80,8 @@ class SubspaceFit(NamedTuple):
     C3_TD: Tensor | None
     """Refitted cubic term [R3, d_in] for the current ``lambda3``; None below order 3."""
     top_eigenvalues: Tensor
-    """The largest eigenvalues of ``sum_d M_d^2`` (R2 + 2 of them, or K), descending:
-    a gap after the R2-th says the data has that many quadratic directions."""
+    """The largest eigenvalues of ``sum_j M_j^2`` (R2 + 2 of them, at most R1),
+    descending: a gap after the R2-th says the data has that many quadratic directions."""
 
 
 def whitening(a_NR: Tensor) -> tuple[Tensor, Tensor]:
@@ -174,23 +173,23 @@ def residual_components(r_ND: Tensor, n_outputs: int) -> Tensor:
     return centred @ Vh[:n_outputs].T
 
 
-def interaction_directions(M_DKK: Tensor, rank: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """(orthonormal [K, rank] directions, the top eigenvalues of ``sum_d M_d^2``).
+def interaction_directions(M_JRR: Tensor, rank: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(orthonormal [R1, rank] directions, the top eigenvalues of ``sum_j M_j^2``).
 
-    The directions span the top ``rank`` eigenvectors of ``sum_d M_d^2`` (the
+    The directions span the top ``rank`` eigenvectors of ``sum_j M_j^2`` (the
     subspace the forms live in), in the basis that diagonalises a random
     combination of the forms projected there: for forms that are all diagonal in
     one basis of that subspace, as the model's quadratic term is, that basis.
     """
-    S_KK = torch.einsum("dij,djk->ik", M_DKK, M_DKK)
-    evals_K, evecs_KK = torch.linalg.eigh(S_KK)
-    order = evals_K.argsort(descending=True)
-    V_Ks = evecs_KK[:, order[:rank]]
+    S_RR = torch.einsum("jab,jbc->ac", M_JRR, M_JRR)
+    evals_R, evecs_RR = torch.linalg.eigh(S_RR)
+    order = evals_R.argsort(descending=True)
+    V_Rs = evecs_RR[:, order[:rank]]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    mix_D = torch.randn(M_DKK.shape[0], generator=gen, dtype=M_DKK.dtype).to(M_DKK.device)
-    mixed_ss = torch.einsum("d,ia,dij,jb->ab", mix_D, V_Ks, M_DKK, V_Ks)
+    mix_J = torch.randn(M_JRR.shape[0], generator=gen, dtype=M_JRR.dtype).to(M_JRR.device)
+    mixed_ss = torch.einsum("j,as,jab,bt->st", mix_J, V_Rs, M_JRR, V_Rs)
     _, E_ss = torch.linalg.eigh((mixed_ss + mixed_ss.T) / 2)
-    return V_Ks @ E_ss, evals_K[order[: rank + 2]]
+    return V_Rs @ E_ss, evals_R[order[: rank + 2]]
 
 
 def orthogonal_completion(V_RS: Tensor) -> Tensor:
