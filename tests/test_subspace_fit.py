@@ -271,3 +271,40 @@ def test_the_command_line_turns_the_fit_off_with_0() -> None:
     assert cfg.subspace_fit_step == 0
     assert not any(in_window(cfg, n, 32)[0] for n in range(3000))
     assert parse_train_args([*common, "--dataset_path", "d"]).sae.subspace_fit_step == 1500
+
+
+def test_the_fit_finds_every_quadratic_direction_of_in_class_data() -> None:
+    # the oracle's decoder with its quadratic channels turned away (U's basis rotated
+    # at random, C1 turned with it, C2 random): the fit must find the true term's
+    # output space again (principal cosines against the planted C2, another module's code)
+    from polysae_lens.inclass import (
+        InClassConfig,
+        build_in_class,
+        oracle_sae,
+        quadratic_output_cosines,
+    )
+
+    truth = build_in_class(
+        InClassConfig(d_in=16, num_atoms=48, ranks=(16, 4, 4), k=2, calibration_samples=4096)
+    )
+    sae = oracle_sae(truth, 2, subspace_fit_rows=8192)
+    gen = torch.Generator().manual_seed(5)
+    Q, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen))
+    with torch.no_grad():
+        sae.U.copy_(sae.U @ Q)
+        sae.C1.copy_(Q.T @ sae.C1)
+        sae.C2.copy_(torch.randn(sae.C2.shape, generator=gen))
+    assert quadratic_output_cosines(truth.weights, sae).min() < 0.9  # lost
+    # the true codes: the untrained tied encoder of this tiny shape picks wrong latents
+    # often enough that its errors, not the quadratic term, dominate the residual
+    sample = truth.sample(8192, truth.generator(1))
+    x = sample.x_BD
+    with torch.no_grad():
+        a = sample.z_BN @ sae.U
+        rows = SubspaceFitRows()
+        rows.collect(a, x - sae.b_dec - a @ sae.C1, last=True)
+    sae._subspace_fit_rows = rows
+    W_dec = sae.W_dec.detach().clone()
+    assert apply_subspace_fit_(sae) is not None
+    assert quadratic_output_cosines(truth.weights, sae).min() > 0.99
+    torch.testing.assert_close(sae.W_dec.detach(), W_dec, rtol=1e-5, atol=1e-5)
