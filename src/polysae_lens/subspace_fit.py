@@ -48,10 +48,6 @@ from polysae_lens.polynomial import PolyDecoderWeights, project
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_FIT_STEP = 1500
-"""The default ``subspace_fit_step``: the in-class benchmark's fit at this step
-(of 3000) is the one measured in ``docs/inclass-plateau.md``."""
-
 MIN_ROWS = 8192
 """The fewest rows the fit collects by default (:func:`default_rows`)."""
 
