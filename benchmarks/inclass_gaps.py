@@ -1,7 +1,8 @@
 """Issue 13's figures for remedy screens, from saved runs: per seed, the share of the
 TopK-to-oracle MSE gap a screened PolySAE closes (in-class) or its MSE over TopK's
 (linear), with the mean, spread and minimum over seeds, and the paired MSE difference
-from the reports' own ``poly2`` runs (mean and 95% t interval).
+from the reports' own ``poly2`` runs, or from another screened variant (``--baseline``;
+mean and 95% t interval).
 
 ``--reports``: ``benchmarks/inclass.py --json`` reports holding ``topk``, ``oracle``
 (in-class) and ``poly2`` runs of the seeds; ``--screens``: the JSON lines of
@@ -100,25 +101,34 @@ def paired(diffs: list[float]) -> str:
     return f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
 
 
-def report(reports: list[str], screens: list[str]) -> dict[str, Any]:
+def report(reports: list[str], screens: list[str], baseline: str | None = None) -> dict[str, Any]:
+    """Print and return every screened variant's figures; the paired differences are
+    against the reports' ``poly2`` runs, or against the screened variant ``baseline``."""
     runs = load_reports(reports)
+    screened = load_screens(screens)
+    if baseline is not None and baseline not in screened:
+        raise SystemExit(
+            f"--baseline {baseline!r} is not among the screens' variants: {sorted(screened)}"
+        )
+    base_runs = {("poly2", s): mse for s, mse in screened[baseline].items()} if baseline else runs
     table: dict[str, Any] = {}
-    for variant, by_seed in sorted(load_screens(screens).items()):
+    for variant, by_seed in sorted(screened.items()):
         budgets = sorted({b for mse in by_seed.values() for b in mse})
         table[variant] = {}
         for budget in budgets:
             seeds = sorted(s for s in by_seed if score(runs, s, by_seed[s], budget) is not None)
             scores = [score(runs, s, by_seed[s], budget) for s in seeds]
-            base = [s for s in seeds if ("poly2", s) in runs]
-            base_scores = [score(runs, s, runs[("poly2", s)], budget) for s in base]
-            diffs = [by_seed[s][budget] - runs[("poly2", s)][budget] for s in base]
+            base = [s for s in seeds if ("poly2", s) in base_runs]
+            base_scores = [score(runs, s, base_runs[("poly2", s)], budget) for s in base]
+            diffs = [by_seed[s][budget] - base_runs[("poly2", s)][budget] for s in base]
             kind = "gap closed" if ("oracle", seeds[0]) in runs else "MSE / TopK"
             print(f"{variant} at {budget} steps, {kind} per seed {seeds}:")
             print("  " + ", ".join(f"{v:.3f}" for v in scores if v is not None))
             print(f"  screen: {summary([v for v in scores if v is not None])}")
             if base_scores:
-                print(f"  reports' poly2: {summary([v for v in base_scores if v is not None])}")
-                print(f"  MSE, screen - reports' poly2 (paired, 95% t): {paired(diffs)}")
+                label = baseline or "reports' poly2"
+                print(f"  {label}: {summary([v for v in base_scores if v is not None])}")
+                print(f"  MSE, screen - {label} (paired, 95% t): {paired(diffs)}")
             table[variant][budget] = {"seeds": seeds, "scores": scores, "paired": diffs}
     return table
 
@@ -127,8 +137,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reports", nargs="+", required=True)
     ap.add_argument("--screens", nargs="+", required=True)
+    ap.add_argument(
+        "--baseline", help="a screened variant to pair the others with (default: reports' poly2)"
+    )
     args = ap.parse_args(argv)
-    return report(args.reports, args.screens)
+    return report(args.reports, args.screens, args.baseline)
 
 
 if __name__ == "__main__":

@@ -423,3 +423,20 @@ def test_inclass_gaps_scores_screens_against_the_reports(
     out = capsys.readouterr().out
     assert "0.750 ± 0.071 (min 0.700, n 2)" in out  # mean and sample sd of 0.8, 0.7
     assert "-0.0350 [-0.0986, +0.0286]" in out  # 12.71 * 0.00707 / sqrt(2) = 0.06355
+    # paired with another screened variant instead of the reports' poly2
+    screens.write_text(
+        screens.read_text()
+        + "\n"
+        + "\n".join(
+            json.dumps({"variant": "base", "seed": s, "mse": {"10": b, "40": b4}})
+            for s, b, b4 in ((0, 0.14, 0.10), (1, 0.18, 0.12))
+        )
+    )
+    table = inclass_gaps.main(
+        ["--reports", str(reports), "--screens", str(screens), "--baseline", "base"]
+    )
+    assert table["v"][10]["paired"] == pytest.approx([-0.02, -0.02])
+    with pytest.raises(SystemExit, match="'nope' is not among"):
+        inclass_gaps.main(
+            ["--reports", str(reports), "--screens", str(screens), "--baseline", "nope"]
+        )
