@@ -98,7 +98,7 @@ class _Forms(NamedTuple):
     c_J: Tensor
 
     def dot(self, other: _Forms) -> Tensor:
-        return sum(((x * y).sum() for x, y in zip(self, other, strict=True)), torch.zeros(()))
+        return torch.stack([(x * y).sum() for x, y in zip(self, other, strict=True)]).sum()
 
     def plus(self, other: _Forms, alpha: Tensor | float) -> _Forms:
         return _Forms(*(x + alpha * y for x, y in zip(self, other, strict=True)))
@@ -348,52 +348,59 @@ def in_window(
     ``batch_rows`` times the ranks that hold distinct rows (the world size over
     ``copies``, the ranks that hold each row: the shards of a replica)."""
     fit_step = getattr(cfg, "subspace_fit_step", None)
-    if not fit_step or getattr(cfg, "poly_order", 1) < 2:
-        return False, False
-    global_rows = batch_rows * max(_world_size() // copies, 1)
-    steps = math.ceil(default_rows(cfg) / max(global_rows, 1))
     step = n_training_steps + 1
-    return fit_step - steps < step <= fit_step, step == fit_step
+    # every training step asks: past the fit (most of a run) it costs two lookups
+    if not fit_step or step > fit_step or getattr(cfg, "poly_order", 1) < 2:
+        return False, False
+    global_rows = batch_rows * max(group_size() // copies, 1)
+    steps = math.ceil(default_rows(cfg) / max(global_rows, 1))
+    return fit_step - steps < step, step == fit_step
 
 
 @torch.no_grad()
 def keep_fit_rows(
-    sae: Any, a_BR: Tensor, r_BD: Tensor, n_training_steps: int, copies: int = 1
+    sae: Any,
+    rows_of_step: Callable[[], tuple[Tensor, Tensor]],
+    n_training_steps: int,
+    batch_rows: int,
+    copies: int = 1,
 ) -> None:
-    """Keep the rows ``a = z @ U`` and the linear residual ``r`` on ``sae`` (its
-    ``_subspace_fit_rows``) if this step is in the fit's window (:func:`in_window`)."""
-    collect, last = in_window(sae.cfg, n_training_steps, a_BR.shape[0], copies)
+    """If this step is in the fit's window (:func:`in_window`), keep the rows
+    ``rows_of_step()`` returns (``a = z @ U`` and the linear residual) on ``sae``
+    (its ``_subspace_fit_rows``); outside it they are never computed."""
+    collect, last = in_window(sae.cfg, n_training_steps, batch_rows, copies)
     if not collect:
         return
     rows = getattr(sae, "_subspace_fit_rows", None)
     if rows is None:
         rows = sae._subspace_fit_rows = SubspaceFitRows(copies)
-    rows.collect(a_BR, r_BD, last)
+    rows.collect(*rows_of_step(), last)
 
 
-@torch.no_grad()
 def collect_fit_rows(
     sae: Any, sae_in_BD: Tensor, feature_acts_BF: Tensor, n_training_steps: int
 ) -> None:
     """:func:`keep_fit_rows` for a PolySAE's training step: ``a`` from its code,
     the residual in the space the decoder reconstructs (after the SAE's run-time
     input normalisation)."""
-    if not in_window(sae.cfg, n_training_steps, sae_in_BD.shape[0])[0]:
-        return
-    U, C1 = sae.U.detach(), sae.C1.detach()
-    a_BR = project(feature_acts_BF.detach(), U)
-    target_BD = sae.run_time_activation_norm_fn_in(sae_in_BD.detach())
-    keep_fit_rows(sae, a_BR, target_BD - sae.b_dec.detach() - a_BR @ C1, n_training_steps)
+
+    def rows_of_step() -> tuple[Tensor, Tensor]:
+        a_BR = project(feature_acts_BF.detach(), sae.U.detach())
+        target_BD = sae.run_time_activation_norm_fn_in(sae_in_BD.detach())
+        return a_BR, target_BD - sae.b_dec.detach() - a_BR @ sae.C1.detach()
+
+    keep_fit_rows(sae, rows_of_step, n_training_steps, sae_in_BD.shape[0])
 
 
-def _world_size() -> int:
+def group_size(group: Any = None) -> int:
+    """Ranks in ``group`` (default: all) under torch.distributed; 1 without it."""
     dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def _gathered(local: Tensor) -> Tensor:
     """Every rank's rows in rank order, on every rank (the default process group)."""
-    world = _world_size()
+    world = group_size()
     if world == 1:
         return local
     dist = torch.distributed
@@ -459,7 +466,7 @@ def apply_subspace_fit_(sae: Any, optimizer: Any = None) -> SubspaceFit | None:
 
 
 def _broadcast(fit: SubspaceFit) -> SubspaceFit:
-    if _world_size() == 1:
+    if group_size() == 1:
         return fit
     for tensor in fit:
         if tensor is not None:

@@ -60,7 +60,7 @@ from polysae_lens.stiefel import (
     symmetric_gram,
     turn_along_gauge_,
 )
-from polysae_lens.subspace_fit import apply_subspace_fit_, in_window, keep_fit_rows
+from polysae_lens.subspace_fit import apply_subspace_fit_, group_size, keep_fit_rows
 
 # ---- layout ------------------------------------------------------------------
 
@@ -648,15 +648,12 @@ def keep_sharded_fit_rows(
     """The subspace fit's rows of a sharded step (``forward`` of ``x_BD``, after
     ``n`` completed steps): ``a`` and the linear residual, the same on every
     shard of the replica."""
-    if not in_window(shard.cfg, n, x_BD.shape[0], _group_size(shard.group))[0]:
-        return
-    a_BR = forward.a_BR.detach()
-    r_BD = x_BD.detach() - shard.b_dec.detach() - a_BR @ shard.C1.detach()
-    keep_fit_rows(shard, a_BR, r_BD, n, _group_size(shard.group))
 
+    def rows_of_step() -> tuple[Tensor, Tensor]:
+        a_BR = forward.a_BR.detach()
+        return a_BR, x_BD.detach() - shard.b_dec.detach() - a_BR @ shard.C1.detach()
 
-def _group_size(group: Any) -> int:
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    keep_fit_rows(shard, rows_of_step, n, x_BD.shape[0], group_size(shard.group))
 
 
 def sharded_train_step(
